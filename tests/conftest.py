@@ -1,0 +1,21 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def run_cli(*argv, cwd=None, expect_ok=True):
+    """Run `python <script> ...` from the repository root (or cwd) and return the CompletedProcess."""
+    proc = subprocess.run([sys.executable, *argv], cwd=cwd or ROOT, capture_output=True, text=True, timeout=600)
+    if expect_ok:
+        assert proc.returncode == 0, f"{argv} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+@pytest.fixture
+def cli():
+    return run_cli

@@ -1,0 +1,106 @@
+"""The command lines as a user meets them: the docstring's smoke run, evaluate.py on its checkpoint,
+--help, and one-line errors for bad input."""
+import json
+import os
+import re
+import shlex
+
+import pytest
+import torch
+
+import mae
+
+ERROR_CASES_ENV = dict(os.environ, PYTHONWARNINGS="ignore")
+
+
+def docstring_command(module, marker):
+    """The run command printed in a method file's docstring (so the test keeps the docs honest)."""
+    line = next(l for l in module.__doc__.splitlines() if marker in l)
+    return shlex.split(line.split("#")[0].strip())[1:]  # drop "python"
+
+
+def test_docstring_smoke_run_then_evaluate(tmp_path, cli):
+    argv = docstring_command(mae, "--data fake")
+    assert argv[0] == "mae.py" and "--device" in argv
+    cli(*argv, "--out-dir", str(tmp_path), "--run-name", "smoke", "--num-workers", "0", "--vis-every", "1")
+    ckpt = tmp_path / "smoke" / "checkpoint.pt"
+    assert ckpt.exists() and (tmp_path / "smoke" / "log.jsonl").exists()
+    assert any(f.startswith("reconstruction_step") for f in os.listdir(tmp_path / "smoke"))
+    state = torch.load(ckpt, weights_only=True)
+    assert state["step"] == int(argv[argv.index("--steps") + 1])
+
+    out = cli("evaluate.py", "--ckpt", str(ckpt), "--data", "fake", "--device", "cpu", "--num-workers", "0",
+              "--linear-epochs", "5").stdout
+    assert "kNN top-1" in out
+    result = json.loads((tmp_path / "smoke" / "eval-online-cls.json").read_text())
+    assert 0 <= result["knn_top1"] <= 100 and 0 <= result["linear_top1"] <= 100
+    assert result["method"] == "mae" and result["step"] == state["step"] and not result["random_init"]
+
+    cli("evaluate.py", "--ckpt", str(tmp_path / "smoke"), "--data", "fake", "--device", "cpu", "--num-workers", "0",
+        "--random-init", "--protocols", "knn", "--pool", "mean")
+    baseline = json.loads((tmp_path / "smoke" / "eval-online-mean-random.json").read_text())
+    assert baseline["random_init"] and "linear_top1" not in baseline
+
+
+def test_help_teaches(cli):
+    out = " ".join(cli("mae.py", "--help").stdout.split())  # argparse wraps lines
+    for text in ("--mask-ratio", "paper: 0.75", "--blr", "batch-size / 256", "--resume", "--benchmark", "--data"):
+        assert text in out, text
+    assert "--ckpt" in cli("evaluate.py", "--help").stdout
+
+
+def one_line_error(proc, expected):
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and re.search(expected, last), last
+
+
+def make_images(folder, n, mode="RGB", size=32):
+    from PIL import Image
+    os.makedirs(folder, exist_ok=True)
+    for i in range(n):
+        Image.new(mode, (size, size), color=(i * 10) % 255 if mode == "L" else ((i * 10) % 255, 50, 100)).save(
+            os.path.join(folder, f"{i:03d}.png"))
+
+
+TINY = ["--device", "cpu", "--model-dims", "32,1,2", "--decoder-dim", "32", "--decoder-depth", "1",
+        "--decoder-heads", "2", "--batch-size", "4", "--steps", "2", "--num-workers", "0", "--vis-every", "0"]
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_bad_data_gives_one_line_errors(tmp_path, cli, workers):
+    out = ["--out-dir", str(tmp_path / "runs")]
+    one_line_error(cli("mae.py", "--data", str(tmp_path / "missing"), *TINY, *out, expect_ok=False), "does not exist")
+    os.makedirs(tmp_path / "empty")
+    one_line_error(cli("mae.py", "--data", str(tmp_path / "empty"), *TINY, *out, expect_ok=False), "no images")
+    broken = tmp_path / "broken" / "cls"
+    make_images(broken, 3)
+    (broken / "999.png").write_bytes(b"this is not a png")
+    one_line_error(cli("mae.py", "--data", str(tmp_path / "broken"), *TINY, *out, "--batch-size", "4", "--steps", "1",
+                       "--num-workers", workers, expect_ok=False), r"cannot read image .*999\.png")
+
+
+def test_grayscale_and_flat_folders_train(tmp_path, cli):
+    make_images(tmp_path / "gray", 8, mode="L")  # a flat folder of grayscale images
+    cli("mae.py", "--data", str(tmp_path / "gray"), *TINY, "--out-dir", str(tmp_path / "runs"), "--run-name", "g")
+    assert (tmp_path / "runs" / "g" / "checkpoint.pt").exists()
+
+
+def test_evaluate_rejects_foreign_checkpoints(tmp_path, cli):
+    torch.save({"state_dict": {}}, tmp_path / "other.pt")
+    base = ["--data", "fake", "--device", "cpu", "--num-workers", "0"]
+    one_line_error(cli("evaluate.py", "--ckpt", str(tmp_path / "other.pt"), *base, expect_ok=False), "not written by")
+    one_line_error(cli("evaluate.py", "--ckpt", str(tmp_path / "nothing.pt"), *base, expect_ok=False), "does not exist")
+    cli("mae.py", "--data", "fake", *TINY, "--out-dir", str(tmp_path), "--run-name", "m")
+    ckpt = str(tmp_path / "m" / "checkpoint.pt")
+    one_line_error(cli("evaluate.py", "--ckpt", ckpt, *base, "--encoder", "target", expect_ok=False), "no target encoder")
+    state = torch.load(ckpt, weights_only=True)
+    state["encoder_config"]["dim"] = 64  # weights from another model shape
+    torch.save(state, tmp_path / "mismatch.pt")
+    one_line_error(cli("evaluate.py", "--ckpt", str(tmp_path / "mismatch.pt"), *base, expect_ok=False), "do not fit")
+    # mae.py --resume refuses a checkpoint of another method
+    state["method"] = "moco"
+    torch.save(state, tmp_path / "moco.pt")
+    one_line_error(cli("mae.py", "--resume", str(tmp_path / "moco.pt"), "--device", "cpu", expect_ok=False),
+                   "not a mae.py checkpoint")
