@@ -116,7 +116,8 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics,
 
 
 class DataError(Exception):
-    """Bad input from the user (a missing folder, an unreadable image, ...): printed as one line."""
+    """A problem to report as one line, without a traceback: bad input (a missing folder, an
+    unreadable image, a checkpoint of another method) or a run that diverged or collapsed."""
 
 
 def find_images(root):

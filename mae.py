@@ -199,7 +199,8 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics,
 
 
 class DataError(Exception):
-    """Bad input from the user (a missing folder, an unreadable image, ...): printed as one line."""
+    """A problem to report as one line, without a traceback: bad input (a missing folder, an
+    unreadable image, a checkpoint of another method) or a run that diverged or collapsed."""
 
 
 def find_images(root):
@@ -477,6 +478,13 @@ def lr_at(step, total_steps, warmup_steps, peak_lr, min_lr):
     return min_lr + (peak_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def to_device(views, device):
+    """A batch is one view (B, 3, H, W) or a list of views; move it to the device without blocking."""
+    if isinstance(views, (list, tuple)):
+        return [v.to(device, non_blocking=True) for v in views]
+    return views.to(device, non_blocking=True)
+
+
 def save_checkpoint(path, state):
     """Write to a temporary file, then rename: a run killed mid-save keeps its previous checkpoint."""
     tmp = path + ".tmp"
@@ -653,12 +661,13 @@ def train(args):
                                   fused=device.type == "cuda")
     train_model = torch.compile(model) if use_compile else model  # checkpoints save `model`, never `train_model`
 
-    def train_step(images, lr, eager=False):
-        """One optimizer step on a batch already on the device; returns the loss (a tensor, no sync)."""
+    def train_step(views, lr_now, progress, eager=False):
+        """One optimizer step on a batch already on the device, at lr_now and at `progress` (0 to 1)
+        through training; returns the loss and extra metrics (tensors: no sync with the GPU)."""
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr_now
         with autocast:
-            loss, _, _ = (model if eager else train_model)(images)
+            loss, _, _ = (model if eager else train_model)(views)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -671,7 +680,7 @@ def train(args):
           f"{device} bf16={use_amp} compile={use_compile}")
     if args.benchmark:
         images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
-        return run_benchmark(args, device, lambda eager=False: train_step(images, lr, eager))
+        return run_benchmark(args, device, lambda eager=False: train_step(images, lr, 0.0, eager))
 
     # ==== SHARED: data loader, schedule length, resume, identical in every method file ====
     dataset = Augmented(build_dataset(args.data, "train", args.img_size), train_transform(args))
@@ -727,10 +736,10 @@ def train(args):
     while step < end_step and not stop:
         epoch = step // steps_per_epoch
         sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * args.batch_size)
-        for images, _ in loader:
+        for views, _ in loader:
             # 1-4. one MAE step: mask, encode visible, decode all, MSE on masked patches
             lr_now = lr_at(step, total_steps, warmup_steps, lr, args.min_lr)
-            loss, extras = train_step(images.to(device, non_blocking=True), lr_now)
+            loss, extras = train_step(to_device(views, device), lr_now, step / total_steps)
             losses.append(loss)
             step += 1
 

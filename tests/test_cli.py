@@ -1,5 +1,6 @@
 """The command lines as a user meets them: the docstring's smoke run, evaluate.py on its checkpoint,
 --help, and one-line errors for bad input."""
+import importlib
 import json
 import os
 import re
@@ -19,26 +20,34 @@ def docstring_command(module, marker):
     return shlex.split(line.split("#")[0].strip())[1:]  # drop "python"
 
 
-def test_docstring_smoke_run_then_evaluate(tmp_path, cli):
-    argv = docstring_command(mae, "--data fake")
-    assert argv[0] == "mae.py" and "--device" in argv
-    cli(*argv, "--out-dir", str(tmp_path), "--run-name", "smoke", "--num-workers", "0", "--vis-every", "1")
+@pytest.mark.parametrize("method", ["mae", "simsiam", "moco"])
+def test_docstring_smoke_run_then_evaluate(tmp_path, cli, method):
+    module = importlib.import_module(method)
+    argv = docstring_command(module, "--data fake")
+    assert argv[0] == f"{method}.py" and "--device" in argv
+    cli(*argv, "--out-dir", str(tmp_path), "--run-name", "smoke", "--num-workers", "0")
     ckpt = tmp_path / "smoke" / "checkpoint.pt"
     assert ckpt.exists() and (tmp_path / "smoke" / "log.jsonl").exists()
-    assert any(f.startswith("reconstruction_step") for f in os.listdir(tmp_path / "smoke"))
+    if method == "mae":
+        assert any(f.startswith("reconstruction_step") for f in os.listdir(tmp_path / "smoke"))
     state = torch.load(ckpt, weights_only=True)
-    assert state["step"] == int(argv[argv.index("--steps") + 1])
+    assert state["step"] == int(argv[argv.index("--steps") + 1]) and state["method"] == method
 
     out = cli("evaluate.py", "--ckpt", str(ckpt), "--data", "fake", "--device", "cpu", "--num-workers", "0",
               "--linear-epochs", "5").stdout
     assert "kNN top-1" in out
-    result = json.loads((tmp_path / "smoke" / "eval-online-cls.json").read_text())
+    which = state["default_encoder"]
+    result = json.loads((tmp_path / "smoke" / f"eval-{which}-cls.json").read_text())
     assert 0 <= result["knn_top1"] <= 100 and 0 <= result["linear_top1"] <= 100
-    assert result["method"] == "mae" and result["step"] == state["step"] and not result["random_init"]
+    assert result["method"] == method and result["step"] == state["step"] and not result["random_init"]
+    if "target_encoder" in state:
+        cli("evaluate.py", "--ckpt", str(ckpt), "--data", "fake", "--device", "cpu", "--num-workers", "0",
+            "--encoder", "target", "--protocols", "knn")
+        assert json.loads((tmp_path / "smoke" / "eval-target-cls.json").read_text())["encoder"] == "target"
 
     cli("evaluate.py", "--ckpt", str(tmp_path / "smoke"), "--data", "fake", "--device", "cpu", "--num-workers", "0",
         "--random-init", "--protocols", "knn", "--pool", "mean")
-    baseline = json.loads((tmp_path / "smoke" / "eval-online-mean-random.json").read_text())
+    baseline = json.loads((tmp_path / "smoke" / f"eval-{which}-mean-random.json").read_text())
     assert baseline["random_init"] and "linear_top1" not in baseline
 
 

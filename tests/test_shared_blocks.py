@@ -15,7 +15,7 @@ def shared_blocks(path):
     text = open(os.path.join(ROOT, path)).read()
     blocks = {m.group(1): m.group(0) for m in re.finditer(
         r"# ==== SHARED: (.*?),.*? ====\n.*?# ==== end SHARED ====\n", text, re.S)}
-    fields = re.search(r"# ==== SHARED fields.*? ====\n(.*?)# ==== \w+ specific ====", text, re.S)
+    fields = re.search(r"# ==== SHARED fields.*? ====\n(.*?)# ==== [\w ]+ specific ====", text, re.S)
     if fields:
         blocks["Args fields"] = fields.group(1)
     return blocks
