@@ -359,14 +359,15 @@ def train_transform(args):
 
 
 # ---------------------------------------------------------------- model
-def random_masking(x, mask_ratio, noise=None):
+def random_masking(x, mask_ratio, noise=None, n_keep=None):
     """MAE Sec. 3: "randomly shuffle the list of tokens and remove the last portion of the list".
     x: (B, N, D) patch tokens with positions. Every sample gets its own mask, but all keep the same
-    number int(N * (1 - mask_ratio)), so the batch stays one dense tensor.
+    number n_keep (default int(N * (1 - mask_ratio)), MAE's rounding), so the batch stays one dense
+    tensor. noise (B, N): the shuffle keys, uniform by default.
     Returns x_visible (B, N_keep, D); mask (B, N) float, 1 = masked (predicted), 0 = visible;
     ids_restore (B, N), the permutation that puts the shuffled list back in raster order."""
     B, N, D = x.shape
-    n_keep = int(N * (1 - mask_ratio))
+    n_keep = int(N * (1 - mask_ratio)) if n_keep is None else n_keep
     if noise is None:
         noise = torch.rand(B, N, device=x.device)     # (B, N) uniform noise per patch
     ids_shuffle = noise.argsort(dim=1)                # shuffle: patches with small noise come first
@@ -729,8 +730,9 @@ def train(args):
     end_step = min(total_steps, step + args.stop_after) if args.stop_after else total_steps
     # ==== end SHARED ====
 
-    if args.vis_every:
-        vis_images = torch.stack([eval_transform(args.img_size)(build_dataset(args.data, "train", args.img_size)[i][0])
+    if args.vis_every:  # 8 fixed images spread over the data set (so over the classes of a sorted folder)
+        vis_data = build_dataset(args.data, "train", args.img_size)
+        vis_images = torch.stack([eval_transform(args.img_size)(vis_data[i * len(vis_data) // 8][0])
                                   for i in range(8)]).to(device)
 
     while step < end_step and not stop:

@@ -1,0 +1,899 @@
+"""
+CMAE: Contrastive Masked Autoencoders for Stronger Vision Learners (Huang et al., TPAMI 2023)
+arXiv:2207.13532, official code github.com/ZhichengHuang/CMAE
+
+MAE plus a contrastive branch. The online branch is a MAE: a masked view, an encoder on the
+visible patches, a pixel decoder trained with the masked-patch MSE. A second, light decoder (the
+feature decoder) fills in features for every patch, which are pooled, projected and predicted.
+A target branch, a momentum (EMA) copy of the encoder and projector, sees the full image shifted
+by a few pixels and colour-augmented; an InfoNCE loss pulls the online prediction toward the
+target projection of the same image, against the other images of the batch.
+
+Run:
+    python cmae.py                                 # CIFAR-10 recipe (ViT-Tiny/4 at 32 px), 1 GPU
+    python cmae.py --data imagenet/                # ViT-B/16 at 224 px, the official recipe scaled to 1 GPU
+    python cmae.py --data fake --device cpu --steps 20 --batch-size 16 --model-dims 64,2,4 --decoder-dim 64 --proj-hidden 128   # seconds
+    python evaluate.py --ckpt runs/<run>/checkpoint.pt --data cifar10   # kNN + linear probe (online encoder)
+Expected result of the default run: not yet measured on a GPU (see README.md for measured runs).
+
+Paper -> code (seed 001; the official code where the seed stops)
+  1. "pixel shifting": one crop, the target view shifted by a few pixels + colour -> PixelShiftViews
+  2. masking 65% in units of 2x2 patches; the encoder sees visible patches only   -> unit_noise(), random_masking()
+  3. online encoder F_s + pixel decoder G_p (= MAE's decoder), MSE on masked patches -> MAEDecoder, mae_loss()
+  4. feature decoder G_f (same class, own weights, 2 blocks), mean-pooled, then
+     projector and predictor                                                      -> CMAE.forward(), mlp()
+  5. target encoder F_t = EMA of F_s (momentum 0.996), no final LayerNorm, mean of
+     patch tokens, then the EMA projector                                          -> CMAE.momentum_update()
+  6. L = L_r + lambda_c * 2 tau * InfoNCE(tau = 0.07), in-batch negatives          -> infonce_loss(), CMAE.forward()
+
+Deviations and where the seed is silent (REFERENCE §3.6)
+  - The seed stops at its "Final Loss" heading; the loss is the official code's:
+    L = 1.0 L_r + 1.0 (2 tau) L_c, tau = 0.07 (mmengine rewrite, CMAEPretrainHead).
+  - The feature decoder outputs the encoder width D (the official code outputs p*p*3, which equals
+    D only for ViT-B/16), as the paper intends ("the feature space of the target encoder").
+  - One GPU: batch 256 instead of 4096 (255 negatives per query); lr = blr x batch / 256.
+  - CIFAR-10 recipe (our choice): ViT-Tiny, patch 4, 32 px, a 256-d x 4 pixel decoder, shifts up
+    to 7 px (31 px at patch 16 is just under two patches; 7 px is the same at patch 4).
+  - Colour augmentation blur: kernel about 10% of the side and sigma scaled by img_size / 224.
+"""
+# ---------------------------------------------------------------- imports
+import argparse
+import ast
+import copy
+import dataclasses
+import inspect
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+import types
+import typing
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+import torchvision.transforms as T
+from einops import repeat
+
+from vit import SIZES, Block, ViT, sincos_pos_embed
+
+METHOD = "cmae"
+
+
+# ---------------------------------------------------------------- config
+@dataclass
+class Args:
+    # ==== SHARED fields: the same in every method file ====
+    data: str = "cifar10"
+    """'cifar10' (torchvision downloads it), 'fake' (1,000 synthetic images, for smoke runs) or a folder: PATH/train/<class>/*.jpg (ImageNet layout), PATH/<class>/*.jpg, or a flat folder of images"""
+    recipe: str = "auto"
+    """hyper-parameter preset, 'cifar10' or 'imagenet'; 'auto' picks imagenet when the images are 64 px or larger. Any flag you pass overrides the preset"""
+    model: str | None = None
+    """ViT size: tiny (192 wide, 12 deep, 3 heads), small (384/12/6), base (768/12/12), large (1024/24/16)"""
+    model_dims: str = ""
+    """a custom ViT as 'width,depth,heads' (e.g. 64,2,4 for smoke runs); overrides --model"""
+    img_size: int | None = None
+    """training resolution in pixels (recipe: 32 for CIFAR-10, 224 for ImageNet)"""
+    patch_size: int | None = None
+    """patch size in pixels; must divide img-size (recipe: 4 at 32 px, 16 at 224 px)"""
+    epochs: int | None = None
+    """passes over the training set (paper: 800 or 1600 on ImageNet)"""
+    steps: int = 0
+    """total optimizer steps; if set, overrides --epochs and the schedule is compressed into these steps"""
+    batch_size: int | None = None
+    """images per step (paper: 4096 over many GPUs)"""
+    blr: float | None = None
+    """base learning rate: the lr at batch 256. Effective lr = blr * batch-size / 256 (printed at start)"""
+    min_lr: float = 0.0
+    """lr at the end of the cosine schedule"""
+    weight_decay: float | None = None
+    """AdamW weight decay, not applied to biases and norm weights"""
+    warmup_epochs: float | None = None
+    """epochs of linear lr warm-up from 0 before the cosine decay"""
+    seed: int = 0
+    """seeds every random draw: data order, augmentations, masks, initialisation"""
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    """'cuda' or 'cpu'"""
+    compile: bool = True
+    """torch.compile the model (CUDA only; the first steps are slow while it compiles)"""
+    amp: bool = True
+    """bf16 autocast (CUDA only); no grad scaler is needed with bf16"""
+    num_workers: int = min(8, os.cpu_count() or 1)
+    """data-loading processes; 0 loads in the main process"""
+    out_dir: str = "runs"
+    """each run writes to OUT_DIR/RUN_NAME: checkpoint.pt, log.jsonl, args.json, a copy of this file, pictures"""
+    run_name: str = ""
+    """run folder name (default: <method>-<data>-s<seed>-<date>-<time>)"""
+    resume: str = ""
+    """a checkpoint.pt (or its run folder) to continue; the run's own settings are kept"""
+    stop_after: int = 0
+    """end this process after this many steps, saving a checkpoint (the schedule still spans the whole run); continue with --resume"""
+    log_every: int = 50
+    """steps between log lines"""
+    save_every: int = 1000
+    """steps between checkpoints; one is also written at the end and on Ctrl-C / SIGTERM"""
+    benchmark: bool = False
+    """measure training speed instead of training: img/s, TFLOP/s and MFU on synthetic data already on the device"""
+    benchmark_steps: int = 30
+    """timed steps for --benchmark (after 10 warm-up steps, which include compilation)"""
+    peak_tflops: float = 0.0
+    """the device's peak TFLOP/s for MFU; 0 measures it with a large matmul in the training dtype"""
+    # ==== CMAE specific ====
+    mask_ratio: float = 0.65
+    """fraction of patches removed before the online encoder (official: 0.65)"""
+    mask_unit: int = 2
+    """masking unit in patches per side: 2 masks 2x2-patch blocks (official), 1 masks single patches"""
+    norm_pix_loss: bool = True
+    """targets are each patch's pixels standardised by its own mean and std (as MAE)"""
+    decoder_dim: int | None = None
+    """width of both decoders (official: 512)"""
+    decoder_depth: int | None = None
+    """pixel decoder blocks (official: 8)"""
+    decoder_heads: int | None = None
+    """decoder attention heads (official: 16)"""
+    feature_decoder_depth: int = 2
+    """feature decoder blocks (official: 2; the seed says "the same structure" as the pixel decoder)"""
+    proj_hidden: int = 1536
+    """hidden width of the projector and the predictor (official: 1536)"""
+    proj_dim: int = 256
+    """output width of the projector and the predictor (official: 256)"""
+    tau: float = 0.07
+    """InfoNCE temperature (official: 0.07)"""
+    lambda_c: float = 1.0
+    """weight of the contrastive loss (official: 1.0, times 2 tau inside the loss)"""
+    momentum: float = 0.996
+    """EMA momentum of the target encoder and projector, fixed (seed and official: 0.996)"""
+    max_shift: int | None = None
+    """largest pixel shift of the target view (official: 31 px at 224 / patch 16; recipe: 7 px at 32 / patch 4)"""
+    vis_every: int = 10
+    """epochs between reconstruction pictures (original / masked / reconstruction) in the run folder; 0 turns them off"""
+
+# Hyper-parameter presets. A field left at None above is filled from the recipe.
+RECIPES = {
+    # our small-data recipe (no official CIFAR-10 CMAE exists)
+    "cifar10": dict(model="tiny", img_size=32, patch_size=4, epochs=200, batch_size=256, blr=1.5e-4,
+                    weight_decay=0.05, warmup_epochs=10, decoder_dim=256, decoder_depth=4, decoder_heads=8,
+                    max_shift=7),
+    # the official ViT-B recipe (cmae_vit-base-p16_32xb128-coslr-1600e_in1k.py; 800 epochs here),
+    # on one GPU: batch 256 instead of 4096, lr scaled by the rule
+    "imagenet": dict(model="base", img_size=224, patch_size=16, epochs=800, batch_size=256, blr=1.5e-4,
+                     weight_decay=0.05, warmup_epochs=40, decoder_dim=512, decoder_depth=8, decoder_heads=16,
+                     max_shift=31),
+}
+
+
+# ==== SHARED: argument parsing, identical in every method file and in evaluate.py ====
+def parse_args(argv=None):
+    """Build one --kebab-case flag per Args field; the docstring under each field is its --help."""
+    fields = ast.parse(inspect.getsource(Args)).body[0].body
+    helps = {a.target.id: b.value.value for a, b in zip(fields, fields[1:])
+             if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Args):
+        flag, kind = "--" + f.name.replace("_", "-"), f.type
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # "int | None" -> int
+            kind = next(t for t in typing.get_args(kind) if t is not type(None))
+        default_text = "from the recipe" if f.default is None else f.default
+        help_text = f"{helps.get(f.name, '')} (default: {default_text})".replace("%", "%%")
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+        else:
+            parser.add_argument(flag, type=kind, default=f.default, help=help_text)
+    return Args(**vars(parser.parse_args(argv)))
+# ==== end SHARED ====
+
+
+# ==== SHARED: recipe and encoder, identical in every method file ====
+def apply_recipe(args):
+    """Fill every field left at None from the chosen recipe; returns the recipe's name."""
+    recipe = args.recipe
+    if recipe == "auto":
+        side = min(peek_image_size(args.data))
+        recipe = "imagenet" if side >= 64 else "cifar10"
+    if recipe not in RECIPES:
+        raise DataError(f"unknown --recipe {recipe!r}; choose one of {sorted(RECIPES)} or 'auto'")
+    for name, value in RECIPES[recipe].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return recipe
+
+
+def build_encoder(args, **kwargs):
+    """The ViT named by --model (or --model-dims width,depth,heads) at --img-size / --patch-size."""
+    if args.model_dims:
+        dim, depth, heads = (int(v) for v in args.model_dims.split(","))
+    elif args.model in SIZES:
+        dim, depth, heads = SIZES[args.model]
+    else:
+        raise DataError(f"unknown --model {args.model!r}; choose one of {sorted(SIZES)} or pass --model-dims")
+    if args.img_size % args.patch_size:
+        raise DataError(f"--img-size {args.img_size} is not divisible by --patch-size {args.patch_size}")
+    return ViT(img_size=args.img_size, patch_size=args.patch_size, dim=dim, depth=depth, heads=heads, **kwargs)
+# ==== end SHARED ====
+
+
+# ---------------------------------------------------------------- data
+# ==== SHARED: datasets, identical in every method file and in evaluate.py ====
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics, used by every method
+
+
+class DataError(Exception):
+    """A problem to report as one line, without a traceback: bad input (a missing folder, an
+    unreadable image, a checkpoint of another method) or a run that diverged or collapsed."""
+
+
+def find_images(root):
+    """(path, label) pairs and class names for a folder of class folders, or a flat folder (label -1)."""
+    if not os.path.isdir(root):
+        raise DataError(f"data folder {root!r} does not exist")
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    samples = []
+    for label, name in enumerate(classes):
+        for folder, _, files in sorted(os.walk(os.path.join(root, name), followlinks=True)):
+            samples += [(os.path.join(folder, f), label) for f in sorted(files) if f.lower().endswith(IMAGE_EXTS)]
+    if not classes:  # a flat folder of unlabeled images
+        samples = [(os.path.join(root, f), -1) for f in sorted(os.listdir(root)) if f.lower().endswith(IMAGE_EXTS)]
+    if not samples:
+        raise DataError(f"no images ({', '.join(IMAGE_EXTS)}) found in {root!r}")
+    return samples, classes
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    def __init__(self, root):
+        self.root = root
+        self.samples, self.classes = find_images(root)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, label = self.samples[i]
+        try:
+            with open(path, "rb") as f:
+                from PIL import Image  # torchvision depends on Pillow
+                return Image.open(f).convert("RGB"), label  # grayscale and RGBA become RGB
+        except Exception as e:
+            raise DataError(f"cannot read image {path}: {e}") from None
+
+
+class FakeImages(torch.utils.data.Dataset):
+    """Synthetic images with structure, for smoke runs and tests: a smooth random colour field plus
+    stripes whose orientation and frequency depend on the class (10 classes)."""
+
+    def __init__(self, n, size=32, num_classes=10):
+        self.n, self.size, self.classes = n, size, [f"class{c}" for c in range(num_classes)]
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(i)
+        label = i % len(self.classes)
+        field = torch.rand(1, 3, 4, 4, generator=g)
+        field = torch.nn.functional.interpolate(field, size=(self.size, self.size), mode="bilinear")[0]
+        yy, xx = torch.meshgrid(torch.arange(self.size), torch.arange(self.size), indexing="ij")
+        angle = math.pi * (label % 5) / 5
+        wave = torch.sin((xx * math.cos(angle) + yy * math.sin(angle)) * (0.3 + 0.3 * (label // 5)))
+        img = (0.6 * field + 0.4 * (wave + 1) / 2).clamp(0, 1)
+        return T.functional.to_pil_image(img), label
+
+
+def build_dataset(data, split="train", img_size=32):
+    """The unaugmented (PIL image, label) dataset for --data, split 'train' or 'val'."""
+    if data == "fake":
+        return FakeImages(1000 if split == "train" else 200, size=img_size)
+    if data == "cifar10":
+        root = os.environ.get("CIFAR10_ROOT", os.path.join("data", "cifar10-torchvision"))
+        try:
+            ds = torchvision.datasets.CIFAR10(root, train=(split == "train"), download=True)
+        except Exception as e:
+            raise DataError(f"could not download CIFAR-10 into {root} ({type(e).__name__}: {e}); without a "
+                            "network, pass --data PATH to a folder of images, e.g. CIFAR-10 as JPEGs") from None
+        return ds
+    # a folder: ImageNet layout (train/ and val/ or test/), or itself the training set
+    names = ["train"] if split == "train" else ["val", "test"]
+    for name in names:
+        if os.path.isdir(os.path.join(data, name)):
+            return ImageFiles(os.path.join(data, name))
+    if split == "train":
+        return ImageFiles(data)
+    raise DataError(f"{data!r} has no val/ or test/ folder of labelled images to evaluate on")
+
+
+def peek_image_size(data):
+    """(width, height) of the first image, to pick a recipe without listing a whole data set."""
+    if data in ("fake", "cifar10"):
+        return (32, 32)
+    if not os.path.isdir(data):
+        raise DataError(f"data folder {data!r} does not exist (--data takes 'cifar10', 'fake' or a folder)")
+    for folder, dirs, files in os.walk(data, followlinks=True):
+        dirs.sort()
+        for f in sorted(files):
+            if f.lower().endswith(IMAGE_EXTS):
+                from PIL import Image
+                try:
+                    with Image.open(os.path.join(folder, f)) as im:
+                        return im.size
+                except Exception as e:
+                    raise DataError(f"cannot read image {os.path.join(folder, f)}: {e}") from None
+    raise DataError(f"no images ({', '.join(IMAGE_EXTS)}) found in {data!r}")
+
+
+def eval_transform(img_size):
+    """Centre crop, no augmentation: resize to img_size/0.875 then crop (224 -> 256 -> 224) for
+    large images; small images (CIFAR) are only resized to img_size."""
+    resize = round(img_size / 0.875) if img_size >= 96 else img_size
+    return T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(img_size),
+                      T.ToTensor(), T.Normalize(MEAN, STD)])
+
+
+class Augmented(torch.utils.data.Dataset):
+    """Applies a transform under a per-sample seed, so every augmentation is a function of
+    (run seed, epoch, position in the epoch): the same with any number of workers and after --resume."""
+
+    def __init__(self, base, transform):
+        self.base, self.transform = base, transform
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, item):
+        index, seed = item if isinstance(item, tuple) else (item, item)
+        img, label = self.base[index]
+        with torch.random.fork_rng(devices=[]):  # leaves the caller's RNG untouched
+            torch.manual_seed(seed)
+            return self.transform(img), label
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Shuffles with a generator seeded by (seed, epoch) and yields (index, augmentation seed).
+    set_epoch(epoch, skip) starts an epoch, skipping the first `skip` samples (those done before a resume)."""
+
+    def __init__(self, n, seed):
+        self.n, self.seed, self.epoch, self.skip = n, seed, 0, 0
+
+    def set_epoch(self, epoch, skip=0):
+        self.epoch, self.skip = epoch, skip
+
+    def __len__(self):
+        return self.n - self.skip
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.n, generator=g).tolist()
+        seeds = torch.randint(0, 2**62, (self.n,), generator=g).tolist()
+        yield from zip(order[self.skip:], seeds[self.skip:])
+# ==== end SHARED ====
+
+
+def gaussian_blur(img_size, p):
+    """Blur with sigma ~ U(0.1, 2.0) at 224 px, applied with probability p; kernel (about 10% of the
+    side, 23 px at 224) and sigma scale with img_size."""
+    s = img_size / 224
+    return T.RandomApply([T.GaussianBlur(2 * round(0.05 * img_size) + 1, sigma=(0.1 * s, 2.0 * s))], p=p)
+
+
+class PixelShiftViews:
+    """Seed 001 "pixel shifting" (official ShiftPixel): one random resized crop (0.2, 1) of
+    img_size + max_shift + 1 pixels (256 at 224) and a flip, shared by both views. The online view
+    is its img_size crop at offset (0, 0), without colour augmentation; the target view is the crop
+    at a random offset (dy, dx), each in 0..max_shift, with colour jitter, grayscale and blur.
+    So the two views show the same content, misaligned by less than two patches."""
+
+    def __init__(self, img_size, max_shift):
+        self.size, self.max_shift = img_size, max_shift
+        self.base = T.Compose([
+            T.RandomResizedCrop(img_size + max_shift + 1, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip(),
+        ])
+        self.colour = T.Compose([
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+            gaussian_blur(img_size, p=0.5),
+        ])
+        self.finish = T.Compose([T.ToTensor(), T.Normalize(MEAN, STD)])
+
+    def __call__(self, img):
+        base = self.base(img)
+        dy, dx = torch.randint(0, self.max_shift + 1, (2,)).tolist()
+        online = T.functional.crop(base, 0, 0, self.size, self.size)
+        target = T.functional.crop(base, dy, dx, self.size, self.size)
+        return [self.finish(online), self.finish(self.colour(target))]
+
+
+def train_transform(args):
+    return PixelShiftViews(args.img_size, args.max_shift)
+
+
+# ---------------------------------------------------------------- model
+def random_masking(x, mask_ratio, noise=None, n_keep=None):
+    """MAE Sec. 3: "randomly shuffle the list of tokens and remove the last portion of the list".
+    x: (B, N, D) patch tokens with positions. Every sample gets its own mask, but all keep the same
+    number n_keep (default int(N * (1 - mask_ratio)), MAE's rounding), so the batch stays one dense
+    tensor. noise (B, N): the shuffle keys, uniform by default.
+    Returns x_visible (B, N_keep, D); mask (B, N) float, 1 = masked (predicted), 0 = visible;
+    ids_restore (B, N), the permutation that puts the shuffled list back in raster order."""
+    B, N, D = x.shape
+    n_keep = int(N * (1 - mask_ratio)) if n_keep is None else n_keep
+    if noise is None:
+        noise = torch.rand(B, N, device=x.device)     # (B, N) uniform noise per patch
+    ids_shuffle = noise.argsort(dim=1)                # shuffle: patches with small noise come first
+    ids_restore = ids_shuffle.argsort(dim=1)          # inverse permutation: argsort of a permutation
+    ids_keep = ids_shuffle[:, :n_keep]                # keep the first part of the shuffled list
+    x_visible = x.gather(1, repeat(ids_keep, "b n -> b n d", d=D))  # (B, N_keep, D)
+    mask = torch.ones(B, N, device=x.device)
+    mask[:, :n_keep] = 0                              # in shuffled order: kept first, removed last
+    mask = mask.gather(1, ids_restore)                # (B, N) back in raster order
+    return x_visible, mask, ids_restore
+
+
+def unit_noise(B, grid, unit, device=None):
+    """Shuffle keys for masking in units of unit x unit patches (official: 2x2 patches = 32 px):
+    one uniform key per unit, shared by its patches, so a unit is kept or removed whole.
+    Returns (B, N) in raster order of the patches."""
+    h, w = grid
+    assert h % unit == 0 and w % unit == 0, f"patch grid {h}x{w} must be divisible by the mask unit {unit}"
+    noise = torch.rand(B, h // unit, w // unit, device=device)
+    return repeat(noise, "b h w -> b (h u1 w u2)", u1=unit, u2=unit)   # (B, N)
+
+
+# MAE decoder specifics
+class MAEDecoder(nn.Module):
+    """Sec. 3 "MAE decoder": a linear projection of the encoded visible tokens, a shared learned
+    [mask] token at every removed position, its own fixed sin-cos positions, a few Transformer
+    blocks, and a linear layer to out_dim values per patch."""
+
+    def __init__(self, enc_dim, dim, depth, heads, out_dim, grid):
+        super().__init__()
+        self.embed = nn.Linear(enc_dim, dim)  # "a single projection layer" (seed 003)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(sincos_pos_embed(dim, *grid).unsqueeze(0), requires_grad=False)
+        self.blocks = nn.ModuleList([Block(dim, heads) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pred = nn.Linear(dim, out_dim)
+        nn.init.normal_(self.mask_token, std=0.02)  # MAE's initialisation (REFERENCE §0.4)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, latent, ids_restore):
+        """latent (B, 1 + N_keep, D_enc) with CLS first -> predictions (B, N, out_dim) in raster order."""
+        x = self.embed(latent)                                           # (B, 1 + N_keep, D_dec)
+        B, N = ids_restore.shape
+        mask_tokens = self.mask_token.expand(B, N + 1 - x.shape[1], -1)  # (B, N - N_keep, D_dec)
+        x_ = torch.cat([x[:, 1:], mask_tokens], dim=1)                   # shuffled order: visible, then masked
+        x_ = x_.gather(1, repeat(ids_restore, "b n -> b n d", d=x.shape[-1]))  # unshuffle to raster order
+        x = torch.cat([x[:, :1], x_], dim=1) + self.pos_embed            # (B, 1 + N, D_dec)
+        for block in self.blocks:
+            x = block(x)
+        return self.pred(self.norm(x))[:, 1:]                            # drop CLS: (B, N, out_dim)
+
+
+# CMAE projector and predictor specifics
+def mlp(in_dim, hidden, out_dim):
+    """Official NonLinearNeck: Linear (bias), BN, ReLU, Linear (no bias); no BN on the output."""
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                         nn.Linear(hidden, out_dim, bias=False))
+
+
+class CMAE(nn.Module):
+    def __init__(self, encoder, decoder_dim=512, decoder_depth=8, decoder_heads=16, mask_ratio=0.65,
+                 norm_pix_loss=True, mask_unit=2, feature_decoder_depth=2, proj_hidden=1536, proj_dim=256,
+                 tau=0.07, lambda_c=1.0):
+        super().__init__()
+        # online encoder F_s: the shared ViT, run on visible tokens only
+        self.encoder = encoder
+        self.mask_ratio, self.norm_pix_loss, self.mask_unit = mask_ratio, norm_pix_loss, mask_unit
+        self.tau, self.lambda_c = tau, lambda_c
+        p, D = encoder.patch_size, encoder.dim
+        # pixel decoder G_p: MAE's decoder
+        self.decoder = MAEDecoder(D, decoder_dim, decoder_depth, decoder_heads, p * p * 3, encoder.grid)
+        # feature decoder G_f: the same class with its own weights, 2 blocks, output in the encoder's width
+        self.feature_decoder = MAEDecoder(D, decoder_dim, feature_decoder_depth, decoder_heads, D, encoder.grid)
+        self.projector = mlp(D, proj_hidden, proj_dim)
+        self.predictor = mlp(proj_dim, proj_hidden, proj_dim)
+        # target encoder F_t and its projector: EMA copies, never trained by gradients
+        self.target_encoder = copy.deepcopy(encoder)
+        self.target_projector = copy.deepcopy(self.projector)
+        for p_ in self.target_parameters():
+            p_.requires_grad_(False)
+
+    def target_parameters(self):
+        return list(self.target_encoder.parameters()) + list(self.target_projector.parameters())
+
+    @torch.no_grad()
+    def momentum_update(self, m):
+        """theta_t <- m theta_t + (1 - m) theta_s for the encoder and the projector, after the optimizer
+        step (official momentum hook). Parameters the online model does not train (the sin-cos table)
+        are equal in both and are skipped."""
+        pairs = [(t, o) for t, o in zip(self.target_parameters(),
+                                        list(self.encoder.parameters()) + list(self.projector.parameters()))
+                 if o.requires_grad]
+        target, online = [t for t, _ in pairs], [o for _, o in pairs]
+        torch._foreach_mul_(target, m)
+        torch._foreach_add_(target, online, alpha=1 - m)
+
+    def forward(self, imgs, imgs_target, noise=None):
+        """Online view and shifted, colour-augmented target view, (B, 3, H, W) each, normalised
+        -> (loss, pred (B, N, p*p*3), mask (B, N), {"rec": L_r, "con": L_c})."""
+        # 1. patch tokens with their positions, then masking in units of mask_unit x mask_unit patches
+        x = self.encoder.embed(imgs)                                     # (B, N, D)
+        if noise is None:
+            noise = unit_noise(x.shape[0], self.encoder.grid, self.mask_unit, x.device)
+        units = self.encoder.num_patches // self.mask_unit**2
+        n_keep = int(units * (1 - self.mask_ratio)) * self.mask_unit**2  # whole units only
+        x_visible, mask, ids_restore = random_masking(x, self.mask_ratio, noise, n_keep)
+
+        # 2. the online encoder sees only the visible tokens, plus CLS
+        latent = self.encoder.forward_tokens(x_visible)                  # (B, 1 + N_keep, D)
+
+        # 3. pixel decoder: MSE against the (normalised) pixels of the masked patches
+        pred = self.decoder(latent, ids_restore)                         # (B, N, p*p*3)
+        loss_rec = mae_loss(pred, self.encoder.patchify(imgs), mask, self.norm_pix_loss)
+
+        # 4. feature decoder, mean over all N tokens, projector, predictor: the online prediction
+        y_s = self.feature_decoder(latent, ids_restore).mean(dim=1)      # (B, D)
+        y_s = self.predictor(self.projector(y_s))                        # (B, proj_dim)
+
+        # 5. target branch: EMA encoder on the full shifted view, no final norm, mean of patch tokens
+        with torch.no_grad():
+            z_t = self.target_encoder(imgs_target, pool="mean", norm=False)   # (B, D)
+            z_t = self.target_projector(z_t)                                  # (B, proj_dim)
+
+        # 6. L = L_r + lambda_c * 2 tau * InfoNCE
+        loss_con = infonce_loss(y_s, z_t, self.tau)
+        return loss_rec + self.lambda_c * loss_con, pred, mask, {"rec": loss_rec.detach(), "con": loss_con.detach()}
+
+
+def param_groups(model, weight_decay):
+    """AdamW groups as in MAE (timm add_weight_decay): no decay on biases and norm weights (1-D);
+    frozen tables (sin-cos positions) are left out."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def encoders_to_save(model):
+    """Both encoders; evaluate.py uses the online encoder by default, as the official code
+    fine-tunes it (tools/extract_backbone_weights.py keeps `backbone`, REFERENCE §8)."""
+    return {"target_encoder": model.target_encoder.state_dict(), "default_encoder": "online"}
+
+
+# ---------------------------------------------------------------- loss
+def mae_loss(pred, target, mask, norm_pix_loss=True):
+    """MAE Sec. 3: L = sum_{b,n} M_bn * mean_d (pred_bnd - t_bnd)^2 / sum_{b,n} M_bn, only masked
+    patches count (M = 1). With norm_pix_loss, t = (x - mean) / sqrt(var + 1e-6) per patch, using the
+    unbiased variance of that patch's p*p*3 values (as the official forward_loss does).
+    pred, target: (B, N, p*p*3); mask: (B, N), 1 = masked."""
+    pred = pred.float()  # the loss in fp32 even under bf16 autocast
+    if norm_pix_loss:
+        mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1e-6) ** 0.5
+    per_patch = ((pred - target) ** 2).mean(dim=-1)                     # (B, N)
+    return (per_patch * mask).sum() / mask.sum()
+
+
+def infonce_loss(y, z, tau):
+    """L_c = 2 tau x CE(logits, own index), logits_ij = <y_i/|y_i|, sg(z_j)/|z_j|> / tau: the online
+    prediction y_i must pick its own image's target projection z_i among the batch's (seed 001, with
+    in-batch negatives). Not symmetrised. The 2 tau factor is the official code's (as in MoCo v3):
+    it cancels the 1/tau of the gradient with respect to the cosines."""
+    y, z = F.normalize(y.float(), dim=1), F.normalize(z.detach().float(), dim=1)
+    logits = y @ z.T / tau                                               # (B, B)
+    labels = torch.arange(len(y), device=y.device)                       # positives on the diagonal
+    return F.cross_entropy(logits, labels) * (2 * tau)
+
+
+# ---------------------------------------------------------------- train
+# ==== SHARED: schedule, logging, checkpoints and benchmark, identical in every method file ====
+def lr_at(step, total_steps, warmup_steps, peak_lr, min_lr):
+    """Linear warm-up from 0 to peak_lr, then a half-cosine down to min_lr, per step (MAE util/lr_sched.py)."""
+    if step < warmup_steps:
+        return peak_lr * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + (peak_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def to_device(views, device):
+    """A batch is one view (B, 3, H, W) or a list of views; move it to the device without blocking."""
+    if isinstance(views, (list, tuple)):
+        return [v.to(device, non_blocking=True) for v in views]
+    return views.to(device, non_blocking=True)
+
+
+def save_checkpoint(path, state):
+    """Write to a temporary file, then rename: a run killed mid-save keeps its previous checkpoint."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    if os.path.isdir(path):
+        path = os.path.join(path, "checkpoint.pt")
+    if not os.path.isfile(path):
+        raise DataError(f"checkpoint {path!r} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DataError(f"cannot load checkpoint {path}: {e}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("method") != METHOD:
+        found = ckpt.get("method") if isinstance(ckpt, dict) else None
+        raise DataError(f"{path} is not a {METHOD}.py checkpoint (method: {found!r})")
+    return ckpt, path
+
+
+def rng_state(device):
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class Logger:
+    """One fixed-format line every log_every steps, and the same values as JSON lines in log.jsonl."""
+
+    def __init__(self, run_dir, total_steps, batch_size, start_step):
+        self.path, self.total, self.batch = os.path.join(run_dir, "log.jsonl"), total_steps, batch_size
+        self.t0, self.step0 = time.perf_counter(), start_step  # the first window also counts start-up
+
+    def log(self, step, epoch, loss, lr, extras):
+        now = time.perf_counter()
+        ips = (step - self.step0) * self.batch / (now - self.t0)
+        eta = (self.total - step) * self.batch / ips if ips > 0 else float("nan")
+        self.t0, self.step0 = now, step
+        eta_text = "--:--" if math.isnan(eta) else f"{int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}"
+        line = f"step {step:>7d}/{self.total} | epoch {epoch:>3d} | loss {loss:.4f} | lr {lr:.2e} | {ips:>6.0f} img/s | ETA {eta_text}"
+        line += "".join(f" | {k} {v:.4g}" for k, v in extras.items())
+        print(line, flush=True)
+        record = {"step": step, "epoch": epoch, "train/loss": loss, "train/lr": lr, "train/img_per_s": ips}
+        record.update({f"train/{k}": v for k, v in extras.items()})
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def check_finite(losses, first_step):
+    """Stop with the exact step at which the loss stopped being finite (checked once per log window)."""
+    values = torch.stack(losses).float().cpu()
+    bad = (~torch.isfinite(values)).nonzero()
+    if len(bad):
+        step = first_step + int(bad[0])
+        raise DataError(f"loss is {values[bad[0]].item()} at step {step}: training diverged; "
+                        "try a lower --blr or a longer warm-up")
+    return values.mean().item()
+
+
+def measure_peak_tflops(device, dtype):
+    """Peak matmul throughput of this device in the training dtype: 8192^3 matmuls on CUDA."""
+    n, reps = (8192, 20) if device.type == "cuda" else (1024, 5)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync()
+    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e12
+
+
+def run_benchmark(args, device, step_fn):
+    """Time step_fn() (one forward, backward and optimizer step on synthetic data already on the
+    device); count the FLOPs of one eager step with torch.utils.flop_counter; report MFU against
+    the device's peak."""
+    from torch.utils.flop_counter import FlopCounterMode
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(10):  # warm-up, includes compilation
+        step_fn()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t = time.perf_counter()
+    for _ in range(args.benchmark_steps):
+        step_fn()
+    sync()
+    seconds = (time.perf_counter() - t) / args.benchmark_steps
+    with FlopCounterMode(display=False) as counter:  # one eager step of the same model
+        step_fn(eager=True)
+    flops = counter.get_total_flops()
+    amp = args.amp and device.type == "cuda"
+    peak = args.peak_tflops or measure_peak_tflops(device, torch.bfloat16 if amp else torch.float32)
+    achieved = flops / seconds / 1e12
+    mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    result = {"method": METHOD, "device": name, "torch": torch.__version__, "model": args.model_dims or args.model,
+              "img_size": args.img_size, "patch_size": args.patch_size, "batch_size": args.batch_size,
+              "amp_bf16": amp, "compile": args.compile and device.type == "cuda",
+              "img_per_s": args.batch_size / seconds, "ms_per_step": 1000 * seconds,
+              "gflop_per_img": flops / args.batch_size / 1e9, "tflops": achieved, "peak_tflops": peak,
+              "mfu": achieved / peak, "peak_mem_gib": mem}
+    print(f"benchmark | {name} | torch {torch.__version__} | {result['model']}/{args.patch_size} at "
+          f"{args.img_size} px | batch {args.batch_size} | bf16 {amp} | compile {result['compile']}")
+    print(f"benchmark | {result['img_per_s']:,.0f} img/s | {result['ms_per_step']:.1f} ms/step | "
+          f"{result['gflop_per_img']:.1f} GFLOP/img (fwd+bwd) | {achieved:.1f} TFLOP/s | MFU {100 * result['mfu']:.1f}% "
+          f"of {peak:.3g} TFLOP/s | peak memory {'n/a' if mem is None else f'{mem:.2f} GiB'}")
+    print(json.dumps(result))
+    return result
+# ==== end SHARED ====
+
+
+@torch.no_grad()
+def save_reconstructions(model, images, path, seed=0):
+    """A PNG grid: originals / masked inputs / reconstructions (visible patches pasted back, as in
+    the paper's Fig. 2). With norm-pix targets each predicted patch is un-normalised with the true
+    patch's mean and std, so the picture shows structure, not the patch colour that was predicted."""
+    model.eval()
+    enc = model.encoder
+    with torch.random.fork_rng(devices=[]):  # the same units every time
+        torch.manual_seed(seed)
+        noise = unit_noise(images.shape[0], enc.grid, model.mask_unit).to(images.device)
+    _, pred, mask, _ = model(images, images, noise)
+    target = enc.patchify(images)
+    if model.norm_pix_loss:
+        mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+        pred = pred.float() * (var + 1e-6) ** 0.5 + mean
+    m = mask.unsqueeze(-1)
+    masked = enc.unpatchify(target * (1 - m))
+    recon = enc.unpatchify(target * (1 - m) + pred.float() * m)
+    std, mean = torch.tensor(STD, device=images.device).view(3, 1, 1), torch.tensor(MEAN, device=images.device).view(3, 1, 1)
+    grid = torch.cat([images, masked, recon]) * std + mean
+    torchvision.utils.save_image(grid.clamp(0, 1), path, nrow=images.shape[0])
+    model.train()
+
+
+def train(args):
+    # ==== SHARED: set-up (recipe, run folder, seeding, device, AMP), identical in every method file ====
+    resumed = None
+    if args.resume:  # the run continues with its own settings; only these may change on resume
+        resumed, ckpt_path = load_checkpoint(args.resume)
+        keep = {k: getattr(args, k) for k in ("device", "compile", "amp", "num_workers", "stop_after", "log_every", "save_every")}
+        args = Args(**{**resumed["args"], **keep, "resume": ckpt_path})
+    recipe = apply_recipe(args)
+    run_dir = (os.path.dirname(args.resume) if args.resume else
+               os.path.join(args.out_dir, args.run_name or f"{METHOD}-{os.path.basename(os.path.normpath(args.data))}"
+                            f"-s{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}"))
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)  # CPU runs are bit-exact; GPU kernels and torch.compile may still differ slightly
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DataError("--device cuda was asked for but no GPU is visible; use --device cpu")
+    use_amp, use_compile = args.amp and device.type == "cuda", args.compile and device.type == "cuda"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    # ==== end SHARED ====
+
+    # model and optimizer
+    encoder = build_encoder(args)
+    model = CMAE(encoder, args.decoder_dim, args.decoder_depth, args.decoder_heads, args.mask_ratio,
+                 args.norm_pix_loss, args.mask_unit, args.feature_decoder_depth, args.proj_hidden, args.proj_dim,
+                 args.tau, args.lambda_c).to(device)
+    lr = args.blr * args.batch_size / 256  # the paper's linear scaling rule
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, betas=(0.9, 0.95),
+                                  fused=device.type == "cuda")
+    train_model = torch.compile(model) if use_compile else model  # checkpoints save `model`, never `train_model`
+
+    def train_step(views, lr_now, progress, eager=False):
+        """One optimizer step on a batch already on the device, at lr_now and at `progress` (0 to 1)
+        through training; returns the loss and extra metrics (tensors: no sync with the GPU)."""
+        for group in optimizer.param_groups:
+            group["lr"] = lr_now
+        with autocast:
+            loss, _, _, terms = (model if eager else train_model)(*views)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        model.momentum_update(args.momentum)  # the target follows the online encoder, after the step
+        return loss.detach(), terms
+
+    print(f"{METHOD} | recipe {recipe} | ViT-{args.model_dims or args.model}/{args.patch_size} at {args.img_size} px "
+          f"({sum(p.numel() for p in encoder.parameters()) / 1e6:.1f} M encoder, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M total) | batch {args.batch_size} | "
+          f"lr {lr:.2e} (blr {args.blr:.2e} x {args.batch_size}/256) | wd {args.weight_decay} | "
+          f"{device} bf16={use_amp} compile={use_compile}")
+    if args.benchmark:
+        views = [torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device) for _ in range(2)]
+        return run_benchmark(args, device, lambda eager=False: train_step(views, lr, 0.0, eager))
+
+    # ==== SHARED: data loader, schedule length, resume, identical in every method file ====
+    dataset = Augmented(build_dataset(args.data, "train", args.img_size), train_transform(args))
+    steps_per_epoch = len(dataset) // args.batch_size
+    if steps_per_epoch == 0:
+        raise DataError(f"{args.data} has {len(dataset)} images, fewer than one batch of {args.batch_size}")
+    sampler = EpochSampler(len(dataset), args.seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
+                                         num_workers=args.num_workers, pin_memory=device.type == "cuda",
+                                         persistent_workers=args.num_workers > 0,
+                                         generator=torch.Generator().manual_seed(args.seed))  # keeps the global RNG (masks) untouched
+    total_steps = args.steps or args.epochs * steps_per_epoch
+    warmup_steps = round(total_steps * args.warmup_epochs / args.epochs)
+    step = 0
+    if resumed:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        set_rng_state(resumed["rng"], device)
+        step = resumed["step"]
+        print(f"resumed from {args.resume} at step {step}")
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump(dataclasses.asdict(args), f, indent=1)
+    with open(os.path.join(run_dir, f"{METHOD}.py"), "w") as f:  # the code that produced this run
+        f.write(open(__file__).read())
+    ckpt_path = os.path.join(run_dir, "checkpoint.pt")
+    print(f"{len(dataset)} images | {steps_per_epoch} steps/epoch | {total_steps} steps "
+          f"({total_steps / steps_per_epoch:.1f} epochs, warm-up {warmup_steps}) | writing to {run_dir}")
+
+    def checkpoint():
+        save_checkpoint(ckpt_path, {
+            "method": METHOD, "args": dataclasses.asdict(args), "step": step,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state(device),
+            "encoder": model.encoder.state_dict(), "encoder_config": model.encoder.config,
+            **encoders_to_save(model),
+        })
+
+    stop = []  # Ctrl-C / SIGTERM: finish the step, save, exit; a second Ctrl-C stops at once
+    def request_stop(signum, frame):
+        stop.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print(f"\nsignal {signum}: saving a checkpoint after this step (Ctrl-C again to quit now)", flush=True)
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    logger, losses, window_start = Logger(run_dir, total_steps, args.batch_size, step), [], step
+    end_step = min(total_steps, step + args.stop_after) if args.stop_after else total_steps
+    # ==== end SHARED ====
+
+    if args.vis_every:  # 8 fixed images spread over the data set (so over the classes of a sorted folder)
+        vis_data = build_dataset(args.data, "train", args.img_size)
+        vis_images = torch.stack([eval_transform(args.img_size)(vis_data[i * len(vis_data) // 8][0])
+                                  for i in range(8)]).to(device)
+
+    while step < end_step and not stop:
+        epoch = step // steps_per_epoch
+        sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * args.batch_size)
+        for views, _ in loader:
+            # 1-6. one CMAE step: mask, encode visible, decode pixels and features, EMA target, L_r + InfoNCE
+            lr_now = lr_at(step, total_steps, warmup_steps, lr, args.min_lr)
+            loss, extras = train_step(to_device(views, device), lr_now, step / total_steps)
+            losses.append(loss)
+            step += 1
+
+            # ==== SHARED: logging and checkpoints inside the loop, identical in every method file ====
+            if step % args.log_every == 0 or step == end_step:
+                mean_loss = check_finite(losses, window_start + 1)
+                logger.log(step, epoch, mean_loss, lr_now, {k: v.item() for k, v in extras.items()})
+                losses, window_start = [], step
+            if step % args.save_every == 0 or step == end_step or stop:
+                checkpoint()
+            if step == end_step or stop or step % steps_per_epoch == 0:
+                break
+            # ==== end SHARED ====
+
+        if args.vis_every and (step % (args.vis_every * steps_per_epoch) == 0 or step == total_steps):
+            save_reconstructions(model, vis_images, os.path.join(run_dir, f"reconstruction_step{step:07d}.png"))
+
+    print(f"{'stopped' if step < total_steps else 'finished'} at step {step}/{total_steps}; checkpoint: {ckpt_path}")
+    return ckpt_path
+
+
+# ---------------------------------------------------------------- main
+if __name__ == "__main__":
+    try:
+        train(parse_args())
+    except DataError as e:  # raised in a DataLoader worker, it carries the worker's traceback: keep the last line
+        sys.exit("error: " + str(e).strip().splitlines()[-1].removeprefix("DataError: "))
