@@ -20,7 +20,7 @@ def docstring_command(module, marker):
     return shlex.split(line.split("#")[0].strip())[1:]  # drop "python"
 
 
-@pytest.mark.parametrize("method", ["mae", "simsiam", "moco", "cmae", "conmim"])
+@pytest.mark.parametrize("method", ["mae", "simsiam", "moco", "cmae", "conmim", "msn"])
 def test_docstring_smoke_run_then_evaluate(tmp_path, cli, method):
     module = importlib.import_module(method)
     argv = docstring_command(module, "--data fake")

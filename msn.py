@@ -1,0 +1,816 @@
+"""
+MSN: Masked Siamese Networks for Label-Efficient Learning (Assran et al., ECCV 2022)
+arXiv:2204.07141, official code github.com/facebookresearch/msn
+
+Each image gives one target view and M anchor views: one full-size view with a random share of its
+patches dropped, and ten small "focal" crops. The anchor encoder embeds the anchors; the target
+encoder, an EMA copy, embeds the unmasked target view. Both are compared with K learnable
+prototypes: the anchor's soft assignment to the prototypes must match the target's sharper one
+(cross-entropy), while the average assignment over the batch stays spread over all prototypes
+(ME-MAX). Masked anchors are cheap: dropped patches never enter the encoder.
+
+Run:
+    python msn.py                                  # CIFAR-10 recipe (ViT-Tiny/4 at 32 px, 16-px focal views), 1 GPU
+    python msn.py --data imagenet/                 # the paper's ViT-S/16 recipe (224-px views, 96-px focal views)
+    python msn.py --data fake --device cpu --steps 20 --batch-size 16 --model-dims 64,2,4 --hidden-dim 128 --num-prototypes 64   # seconds
+    python evaluate.py --ckpt runs/<run>/checkpoint.pt --data cifar10   # the target encoder by default
+Expected result of the default run: not yet measured on a GPU (see README.md for measured runs).
+
+Paper -> code (seed 000)
+  1. "Input Views": a target view and M = 1 + 10 anchor views                    -> MSNViews
+  2. "Patchify and Mask": random masking drops patches of the random anchor;
+     focal masking = small crops, the position table interpolated to their grid  -> patch_drop(), vit.ViT.embed()
+  3. "Encoder": anchor encoder f_theta (ViT + projection head, CLS output); target
+     encoder f_theta-bar, its EMA                                                -> MSN.forward(), MSN.momentum_update()
+  4. "Similarity Metric and Predictions": p = softmax(cos(z, q) / tau);
+     p+ = softmax(cos(z+, q) / tau+), tau+ = tau T < tau; then Sinkhorn          -> msn_predictions(), sinkhorn()
+  5. "Training Objective": 1/(MB) sum H(p+, p) - lambda H(p_bar)                  -> msn_loss()
+  6. Schedules (official config): lr warm-up + cosine, weight decay 0.04 -> 0.4, momentum
+     0.996 -> 1 linear, all over 1.25x the training length                        -> train_step(), --horizon
+
+Deviations and notes (REFERENCE §2.6)
+  - The seed writes the target prediction as softmax(z_{i,m} q / tau+); it is the target
+    representation z+_i (a typo), and its "target decoder" is the target encoder.
+  - Sinkhorn (3 iterations) on the sharpened targets is on by default, as in the official config;
+    the seed does not have it: --no-sinkhorn follows the seed.
+  - ME-MAX as the seed writes it, -lambda H(p_bar); the official code adds the constant lambda log K.
+  - Patch dropping is per sample (MAE's argsort trick); the official code drops the same positions
+    for the whole batch (one torch.randperm per step). Both keep int(N (1 - ratio)) patches.
+  - lr: official 1e-3 absolute at batch 1024; written here as blr = 2.5e-4, scaled by batch / 256.
+    One GPU: batch 256. Initialisation: the shared MAE scheme (official: trunc-normal 0.02).
+  - CIFAR-10 recipe (our choice): ViT-Tiny, patch 4, 32-px target and random anchor, 16-px focal
+    views (a 4x4 grid, as 96 px is a 6x6 grid at patch 16), 200 epochs. Blur scaled to the image size.
+"""
+# ---------------------------------------------------------------- imports
+import argparse
+import ast
+import copy
+import dataclasses
+import inspect
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+import types
+import typing
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+import torchvision.transforms as T
+
+from einops import repeat
+
+from vit import SIZES, ViT
+
+METHOD = "msn"
+
+
+# ---------------------------------------------------------------- config
+@dataclass
+class Args:
+    # ==== SHARED fields: the same in every method file ====
+    data: str = "cifar10"
+    """'cifar10' (torchvision downloads it), 'fake' (1,000 synthetic images, for smoke runs) or a folder: PATH/train/<class>/*.jpg (ImageNet layout), PATH/<class>/*.jpg, or a flat folder of images"""
+    recipe: str = "auto"
+    """hyper-parameter preset, 'cifar10' or 'imagenet'; 'auto' picks imagenet when the images are 64 px or larger. Any flag you pass overrides the preset"""
+    model: str | None = None
+    """ViT size: tiny (192 wide, 12 deep, 3 heads), small (384/12/6), base (768/12/12), large (1024/24/16)"""
+    model_dims: str = ""
+    """a custom ViT as 'width,depth,heads' (e.g. 64,2,4 for smoke runs); overrides --model"""
+    img_size: int | None = None
+    """training resolution in pixels (recipe: 32 for CIFAR-10, 224 for ImageNet)"""
+    patch_size: int | None = None
+    """patch size in pixels; must divide img-size (recipe: 4 at 32 px, 16 at 224 px)"""
+    epochs: int | None = None
+    """passes over the training set (paper: 800 or 1600 on ImageNet)"""
+    steps: int = 0
+    """total optimizer steps; if set, overrides --epochs and the schedule is compressed into these steps"""
+    batch_size: int | None = None
+    """images per step (paper: 4096 over many GPUs)"""
+    blr: float | None = None
+    """base learning rate: the lr at batch 256. Effective lr = blr * batch-size / 256 (printed at start)"""
+    min_lr: float = 0.0
+    """lr at the end of the cosine schedule"""
+    weight_decay: float | None = None
+    """AdamW weight decay, not applied to biases and norm weights"""
+    warmup_epochs: float | None = None
+    """epochs of linear lr warm-up from 0 before the cosine decay"""
+    seed: int = 0
+    """seeds every random draw: data order, augmentations, masks, initialisation"""
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    """'cuda' or 'cpu'"""
+    compile: bool = True
+    """torch.compile the model (CUDA only; the first steps are slow while it compiles)"""
+    amp: bool = True
+    """bf16 autocast (CUDA only); no grad scaler is needed with bf16"""
+    num_workers: int = min(8, os.cpu_count() or 1)
+    """data-loading processes; 0 loads in the main process"""
+    out_dir: str = "runs"
+    """each run writes to OUT_DIR/RUN_NAME: checkpoint.pt, log.jsonl, args.json, a copy of this file, pictures"""
+    run_name: str = ""
+    """run folder name (default: <method>-<data>-s<seed>-<date>-<time>)"""
+    resume: str = ""
+    """a checkpoint.pt (or its run folder) to continue; the run's own settings are kept"""
+    stop_after: int = 0
+    """end this process after this many steps, saving a checkpoint (the schedule still spans the whole run); continue with --resume"""
+    log_every: int = 50
+    """steps between log lines"""
+    save_every: int = 1000
+    """steps between checkpoints; one is also written at the end and on Ctrl-C / SIGTERM"""
+    benchmark: bool = False
+    """measure training speed instead of training: img/s, TFLOP/s and MFU on synthetic data already on the device"""
+    benchmark_steps: int = 30
+    """timed steps for --benchmark (after 10 warm-up steps, which include compilation)"""
+    peak_tflops: float = 0.0
+    """the device's peak TFLOP/s for MFU; 0 measures it with a large matmul in the training dtype"""
+    # ==== MSN specific ====
+    patch_drop: float = 0.15
+    """fraction of the random anchor's patches dropped (official ViT-S/16: 0.15)"""
+    focal_views: int = 10
+    """number of focal anchor views (official: 10)"""
+    focal_size: int | None = None
+    """side of the focal views in pixels; a multiple of the patch size (official: 96 at 224; recipe: 16 at 32)"""
+    hidden_dim: int = 2048
+    """hidden width of the projection head (official: 2048)"""
+    proj_dim: int = 256
+    """output width of the projection head, the space of the prototypes (official: 256)"""
+    num_prototypes: int = 1024
+    """K, the number of learnable prototypes (official: 1024)"""
+    tau: float = 0.1
+    """temperature of the anchor predictions (official: 0.1)"""
+    sharpen: float = 0.25
+    """T: target predictions use tau+ = tau * T (official: 0.25, so tau+ = 0.025)"""
+    memax_weight: float = 1.0
+    """lambda of the ME-MAX term (official: 1.0; the seed leaves it open)"""
+    sinkhorn: bool = True
+    """balance the target predictions with 3 Sinkhorn-Knopp iterations (official config: on; the seed: off)"""
+    momentum: float = 0.996
+    """target-encoder momentum at the start, raised linearly toward 1 (official: 0.996)"""
+    final_weight_decay: float = 0.4
+    """weight decay at the end of the horizon; it rises by a cosine from --weight-decay (official: 0.04 -> 0.4)"""
+    horizon: float = 1.25
+    """the lr, weight-decay and momentum schedules span this many times the run, which stops at 1/horizon of them (official: 1.25)"""
+    clip_grad: float = 3.0
+    """gradient-norm clipping of encoder and head (official: 3.0); 0 turns it off"""
+
+# Hyper-parameter presets. A field left at None above is filled from the recipe.
+RECIPES = {
+    # our small-data recipe (no official CIFAR-10 MSN exists); views scaled with the image
+    "cifar10": dict(model="tiny", img_size=32, patch_size=4, epochs=200, batch_size=256, blr=2.5e-4,
+                    weight_decay=0.04, warmup_epochs=4, focal_size=16),
+    # the official ViT-S/16 config (msn_vits16.yaml: 800 epochs, 15 warm-up, lr 1e-3 at batch 1024), at batch 256
+    "imagenet": dict(model="small", img_size=224, patch_size=16, epochs=800, batch_size=256, blr=2.5e-4,
+                     weight_decay=0.04, warmup_epochs=15, focal_size=96),
+}
+
+
+# ==== SHARED: argument parsing, identical in every method file and in evaluate.py ====
+def parse_args(argv=None):
+    """Build one --kebab-case flag per Args field; the docstring under each field is its --help."""
+    fields = ast.parse(inspect.getsource(Args)).body[0].body
+    helps = {a.target.id: b.value.value for a, b in zip(fields, fields[1:])
+             if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Args):
+        flag, kind = "--" + f.name.replace("_", "-"), f.type
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # "int | None" -> int
+            kind = next(t for t in typing.get_args(kind) if t is not type(None))
+        default_text = "from the recipe" if f.default is None else f.default
+        help_text = f"{helps.get(f.name, '')} (default: {default_text})".replace("%", "%%")
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+        else:
+            parser.add_argument(flag, type=kind, default=f.default, help=help_text)
+    return Args(**vars(parser.parse_args(argv)))
+# ==== end SHARED ====
+
+
+# ==== SHARED: recipe and encoder, identical in every method file ====
+def apply_recipe(args):
+    """Fill every field left at None from the chosen recipe; returns the recipe's name."""
+    recipe = args.recipe
+    if recipe == "auto":
+        side = min(peek_image_size(args.data))
+        recipe = "imagenet" if side >= 64 else "cifar10"
+    if recipe not in RECIPES:
+        raise DataError(f"unknown --recipe {recipe!r}; choose one of {sorted(RECIPES)} or 'auto'")
+    for name, value in RECIPES[recipe].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return recipe
+
+
+def build_encoder(args, **kwargs):
+    """The ViT named by --model (or --model-dims width,depth,heads) at --img-size / --patch-size."""
+    if args.model_dims:
+        dim, depth, heads = (int(v) for v in args.model_dims.split(","))
+    elif args.model in SIZES:
+        dim, depth, heads = SIZES[args.model]
+    else:
+        raise DataError(f"unknown --model {args.model!r}; choose one of {sorted(SIZES)} or pass --model-dims")
+    if args.img_size % args.patch_size:
+        raise DataError(f"--img-size {args.img_size} is not divisible by --patch-size {args.patch_size}")
+    return ViT(img_size=args.img_size, patch_size=args.patch_size, dim=dim, depth=depth, heads=heads, **kwargs)
+# ==== end SHARED ====
+
+
+# ---------------------------------------------------------------- data
+# ==== SHARED: datasets, identical in every method file and in evaluate.py ====
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics, used by every method
+
+
+class DataError(Exception):
+    """A problem to report as one line, without a traceback: bad input (a missing folder, an
+    unreadable image, a checkpoint of another method) or a run that diverged or collapsed."""
+
+
+def find_images(root):
+    """(path, label) pairs and class names for a folder of class folders, or a flat folder (label -1)."""
+    if not os.path.isdir(root):
+        raise DataError(f"data folder {root!r} does not exist")
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    samples = []
+    for label, name in enumerate(classes):
+        for folder, _, files in sorted(os.walk(os.path.join(root, name), followlinks=True)):
+            samples += [(os.path.join(folder, f), label) for f in sorted(files) if f.lower().endswith(IMAGE_EXTS)]
+    if not classes:  # a flat folder of unlabeled images
+        samples = [(os.path.join(root, f), -1) for f in sorted(os.listdir(root)) if f.lower().endswith(IMAGE_EXTS)]
+    if not samples:
+        raise DataError(f"no images ({', '.join(IMAGE_EXTS)}) found in {root!r}")
+    return samples, classes
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    def __init__(self, root):
+        self.root = root
+        self.samples, self.classes = find_images(root)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, label = self.samples[i]
+        try:
+            with open(path, "rb") as f:
+                from PIL import Image  # torchvision depends on Pillow
+                return Image.open(f).convert("RGB"), label  # grayscale and RGBA become RGB
+        except Exception as e:
+            raise DataError(f"cannot read image {path}: {e}") from None
+
+
+class FakeImages(torch.utils.data.Dataset):
+    """Synthetic images with structure, for smoke runs and tests: a smooth random colour field plus
+    stripes whose orientation and frequency depend on the class (10 classes)."""
+
+    def __init__(self, n, size=32, num_classes=10):
+        self.n, self.size, self.classes = n, size, [f"class{c}" for c in range(num_classes)]
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(i)
+        label = i % len(self.classes)
+        field = torch.rand(1, 3, 4, 4, generator=g)
+        field = torch.nn.functional.interpolate(field, size=(self.size, self.size), mode="bilinear")[0]
+        yy, xx = torch.meshgrid(torch.arange(self.size), torch.arange(self.size), indexing="ij")
+        angle = math.pi * (label % 5) / 5
+        wave = torch.sin((xx * math.cos(angle) + yy * math.sin(angle)) * (0.3 + 0.3 * (label // 5)))
+        img = (0.6 * field + 0.4 * (wave + 1) / 2).clamp(0, 1)
+        return T.functional.to_pil_image(img), label
+
+
+def build_dataset(data, split="train", img_size=32):
+    """The unaugmented (PIL image, label) dataset for --data, split 'train' or 'val'."""
+    if data == "fake":
+        return FakeImages(1000 if split == "train" else 200, size=img_size)
+    if data == "cifar10":
+        root = os.environ.get("CIFAR10_ROOT", os.path.join("data", "cifar10-torchvision"))
+        try:
+            ds = torchvision.datasets.CIFAR10(root, train=(split == "train"), download=True)
+        except Exception as e:
+            raise DataError(f"could not download CIFAR-10 into {root} ({type(e).__name__}: {e}); without a "
+                            "network, pass --data PATH to a folder of images, e.g. CIFAR-10 as JPEGs") from None
+        return ds
+    # a folder: ImageNet layout (train/ and val/ or test/), or itself the training set
+    names = ["train"] if split == "train" else ["val", "test"]
+    for name in names:
+        if os.path.isdir(os.path.join(data, name)):
+            return ImageFiles(os.path.join(data, name))
+    if split == "train":
+        return ImageFiles(data)
+    raise DataError(f"{data!r} has no val/ or test/ folder of labelled images to evaluate on")
+
+
+def peek_image_size(data):
+    """(width, height) of the first image, to pick a recipe without listing a whole data set."""
+    if data in ("fake", "cifar10"):
+        return (32, 32)
+    if not os.path.isdir(data):
+        raise DataError(f"data folder {data!r} does not exist (--data takes 'cifar10', 'fake' or a folder)")
+    for folder, dirs, files in os.walk(data, followlinks=True):
+        dirs.sort()
+        for f in sorted(files):
+            if f.lower().endswith(IMAGE_EXTS):
+                from PIL import Image
+                try:
+                    with Image.open(os.path.join(folder, f)) as im:
+                        return im.size
+                except Exception as e:
+                    raise DataError(f"cannot read image {os.path.join(folder, f)}: {e}") from None
+    raise DataError(f"no images ({', '.join(IMAGE_EXTS)}) found in {data!r}")
+
+
+def eval_transform(img_size):
+    """Centre crop, no augmentation: resize to img_size/0.875 then crop (224 -> 256 -> 224) for
+    large images; small images (CIFAR) are only resized to img_size."""
+    resize = round(img_size / 0.875) if img_size >= 96 else img_size
+    return T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(img_size),
+                      T.ToTensor(), T.Normalize(MEAN, STD)])
+
+
+class Augmented(torch.utils.data.Dataset):
+    """Applies a transform under a per-sample seed, so every augmentation is a function of
+    (run seed, epoch, position in the epoch): the same with any number of workers and after --resume."""
+
+    def __init__(self, base, transform):
+        self.base, self.transform = base, transform
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, item):
+        index, seed = item if isinstance(item, tuple) else (item, item)
+        img, label = self.base[index]
+        with torch.random.fork_rng(devices=[]):  # leaves the caller's RNG untouched
+            torch.manual_seed(seed)
+            return self.transform(img), label
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Shuffles with a generator seeded by (seed, epoch) and yields (index, augmentation seed).
+    set_epoch(epoch, skip) starts an epoch, skipping the first `skip` samples (those done before a resume)."""
+
+    def __init__(self, n, seed):
+        self.n, self.seed, self.epoch, self.skip = n, seed, 0, 0
+
+    def set_epoch(self, epoch, skip=0):
+        self.epoch, self.skip = epoch, skip
+
+    def __len__(self):
+        return self.n - self.skip
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.n, generator=g).tolist()
+        seeds = torch.randint(0, 2**62, (self.n,), generator=g).tolist()
+        yield from zip(order[self.skip:], seeds[self.skip:])
+# ==== end SHARED ====
+
+
+def gaussian_blur(img_size, p):
+    """Blur with sigma ~ U(0.1, 2.0) at 224 px, applied with probability p; kernel (about 10% of the
+    side, 23 px at 224) and sigma scale with img_size."""
+    s = img_size / 224
+    return T.RandomApply([T.GaussianBlur(2 * round(0.05 * img_size) + 1, sigma=(0.1 * s, 2.0 * s))], p=p)
+
+
+class MSNViews:
+    """Official make_transforms: the target view and the random anchor are random resized crops
+    (0.3, 1) at img_size; the focal anchors are crops (0.05, 0.3) at focal_size. Every view then gets a
+    flip, colour jitter (0.4, 0.4, 0.4, 0.1) with p 0.8, grayscale 0.2 and blur 0.5 (no solarize).
+    Returns [target, random anchor, focal 1, ..., focal n]."""
+
+    def __init__(self, img_size, focal_size, focal_views):
+        def view(size, scale):
+            return T.Compose([
+                T.RandomResizedCrop(size, scale=scale),
+                T.RandomHorizontalFlip(),
+                T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+                T.RandomGrayscale(p=0.2),
+                gaussian_blur(img_size, p=0.5),
+                T.ToTensor(),
+                T.Normalize(MEAN, STD),
+            ])
+        self.full, self.focal, self.focal_views = view(img_size, (0.3, 1.0)), view(focal_size, (0.05, 0.3)), focal_views
+
+    def __call__(self, img):
+        return [self.full(img), self.full(img)] + [self.focal(img) for _ in range(self.focal_views)]
+
+
+def train_transform(args):
+    if args.focal_size % args.patch_size:
+        raise DataError(f"--focal-size {args.focal_size} is not divisible by --patch-size {args.patch_size}")
+    return MSNViews(args.img_size, args.focal_size, args.focal_views)
+
+
+# ---------------------------------------------------------------- model
+def patch_drop(x, ratio):
+    """Random masking of the anchor, "by randomly dropping some of the patches" (seed 000): every
+    sample keeps a random int(N * (1 - ratio)) of its N tokens, in their original order. (The
+    official code draws one permutation for the whole batch; per-sample masks cost the same.)
+    x: (B, N, D) patch tokens with positions -> (B, N_keep, D)."""
+    B, N, D = x.shape
+    n_keep = int(N * (1 - ratio))
+    ids_keep = torch.rand(B, N, device=x.device).argsort(dim=1)[:, :n_keep].sort(dim=1).values  # (B, N_keep)
+    return x.gather(1, repeat(ids_keep, "b n -> b n d", d=D))
+
+
+# MSN projection head specifics
+def projection_head(in_dim, hidden_dim, out_dim):
+    """Official fc head: Linear, BN, GELU, Linear, BN, GELU, Linear (biases on, no BN on the output)."""
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.GELU(),
+                         nn.Linear(hidden_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.GELU(),
+                         nn.Linear(hidden_dim, out_dim))
+
+
+class MSN(nn.Module):
+    def __init__(self, encoder, hidden_dim=2048, proj_dim=256, num_prototypes=1024, patch_drop=0.15):
+        super().__init__()
+        self.patch_drop = patch_drop
+        # anchor encoder f_theta: the shared ViT (learnable positions) + projection head
+        self.encoder = encoder
+        self.head = projection_head(encoder.dim, hidden_dim, proj_dim)
+        # prototypes q (K x d): learnable, shared by both branches, not averaged (official init U(+-1/sqrt(d)))
+        self.prototypes = nn.Parameter(torch.empty(num_prototypes, proj_dim).uniform_(-proj_dim**-0.5, proj_dim**-0.5))
+        # target encoder f_theta-bar: EMA copies of encoder and head, never trained by gradients
+        self.target_encoder = copy.deepcopy(encoder)
+        self.target_head = copy.deepcopy(self.head)
+        for p in self.target_parameters():
+            p.requires_grad_(False)
+
+    def target_parameters(self):
+        return list(self.target_encoder.parameters()) + list(self.target_head.parameters())
+
+    @torch.no_grad()
+    def momentum_update(self, m):
+        """theta-bar <- m theta-bar + (1 - m) theta, after the optimizer step (parameters only)."""
+        pairs = [(t, o) for t, o in zip(self.target_parameters(),
+                                        list(self.encoder.parameters()) + list(self.head.parameters()))
+                 if o.requires_grad]
+        target, online = [t for t, _ in pairs], [o for _, o in pairs]
+        torch._foreach_mul_(target, m)
+        torch._foreach_add_(target, online, alpha=1 - m)
+
+    def forward(self, target_view, rand_view, *focal_views):
+        """Target view (B, 3, H, W), random anchor (B, 3, H, W), focal anchors (B, 3, h, w) each
+        -> anchor representations z (M*B, d), view-major, and target representations z+ (B, d)."""
+        # 1. random anchor: patch tokens with positions, drop a random share, then the blocks; CLS output
+        x = patch_drop(self.encoder.embed(rand_view), self.patch_drop)            # (B, N_keep, D)
+        h = [self.encoder.forward_tokens(x)[:, 0]]                                # [(B, D)]
+
+        # 2. focal anchors: one group at their own resolution (positions interpolated in vit.embed)
+        if focal_views:
+            h += list(self.encoder(torch.cat(focal_views)).chunk(len(focal_views)))  # M - 1 x (B, D)
+        z = self.head(torch.cat(h))                                               # (M*B, d)
+
+        # 3. target: the EMA encoder and head on the full, unmasked view, no gradient
+        with torch.no_grad():
+            z_plus = self.target_head(self.target_encoder(target_view))            # (B, d)
+        return z, z_plus
+
+
+def param_groups(model, weight_decay):
+    """Three groups as in the official init_opt: weights (weight decay on a schedule), biases and
+    norm weights (none), and the prototypes (none)."""
+    groups = {"scheduled": [], "none": [], "prototypes": [model.prototypes]}
+    for name, p in model.named_parameters():
+        if p.requires_grad and name != "prototypes":
+            groups["scheduled" if p.ndim > 1 else "none"].append(p)
+    return [{"params": groups["scheduled"], "weight_decay": weight_decay, "scheduled_wd": True},
+            {"params": groups["none"], "weight_decay": 0.0, "scheduled_wd": False},
+            {"params": groups["prototypes"], "weight_decay": 0.0, "scheduled_wd": False}]
+
+
+def encoders_to_save(model):
+    """Both encoders; evaluate.py uses the target encoder by default, as the official logistic and
+    linear evaluations load `target_encoder` (REFERENCE §8)."""
+    return {"target_encoder": model.target_encoder.state_dict(), "default_encoder": "target"}
+
+
+# ---------------------------------------------------------------- loss
+@torch.no_grad()
+def sinkhorn(P, iterations=3):
+    """Sinkhorn-Knopp on (B, K) target probabilities (official distributed_sinkhorn, one GPU): scale
+    rows and columns in turn so that every prototype receives B/K of the mass and every sample 1.
+    Returns (B, K), each row summing to 1."""
+    Q = P.T / P.sum()                                   # (K, B), total mass 1
+    K, B = Q.shape
+    for _ in range(iterations):
+        Q = Q / Q.sum(dim=1, keepdim=True) / K          # each prototype: 1/K
+        Q = Q / Q.sum(dim=0, keepdim=True) / B          # each sample: 1/B
+    return (Q * B).T
+
+
+def msn_predictions(z, prototypes, tau):
+    """Seed 000 "Similarity Metric and Predictions": p = softmax(cos(z, q) / tau) over the K prototypes,
+    as log-probabilities (M*B or B, K)."""
+    return F.log_softmax(F.normalize(z.float(), dim=1) @ F.normalize(prototypes.float(), dim=1).T / tau, dim=1)
+
+
+def msn_loss(z, z_plus, prototypes, tau=0.1, T=0.25, memax_weight=1.0, use_sinkhorn=True):
+    """Seed 000 "Training Objective":
+        L = 1/(M B) sum_{i,m} H(p+_i, p_{i,m}) - lambda H(p_bar),   p_bar = 1/(M B) sum_{i,m} p_{i,m}
+    p_{i,m} = softmax(cos(z_{i,m}, q) / tau) for the anchors; p+_i = softmax(cos(z+_i, q) / tau+) with
+    tau+ = tau T (sharpening p^(1/T) and renormalising is the same softmax), then Sinkhorn; no gradient
+    through p+ (the seed: "only compute gradients with respect to the anchor predictions").
+    z: (M*B, d) anchors, view-major; z_plus: (B, d). Returns (L, H(p+, p), H(p_bar))."""
+    log_p = msn_predictions(z, prototypes, tau)                          # (M*B, K)
+    with torch.no_grad():
+        p_plus = msn_predictions(z_plus, prototypes, tau * T).exp()      # (B, K), sharper: tau+ < tau
+        if use_sinkhorn:
+            p_plus = sinkhorn(p_plus)
+        p_plus = p_plus.repeat(len(z) // len(z_plus), 1)                 # (M*B, K): the same target for every anchor
+    cross_entropy = -(p_plus * log_p).sum(dim=1).mean()                  # 1/(MB) sum H(p+, p)
+    p_bar = log_p.exp().mean(dim=0)                                      # (K,) mean prediction over all anchors
+    entropy = -(p_bar * torch.log(p_bar + 1e-12)).sum()                  # H(p_bar): high when many prototypes are used
+    return cross_entropy - memax_weight * entropy, cross_entropy.detach(), entropy.detach()
+
+
+# ---------------------------------------------------------------- train
+# ==== SHARED: schedule, logging, checkpoints and benchmark, identical in every method file ====
+def lr_at(step, total_steps, warmup_steps, peak_lr, min_lr):
+    """Linear warm-up from 0 to peak_lr, then a half-cosine down to min_lr, per step (MAE util/lr_sched.py)."""
+    if step < warmup_steps:
+        return peak_lr * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + (peak_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def to_device(views, device):
+    """A batch is one view (B, 3, H, W) or a list of views; move it to the device without blocking."""
+    if isinstance(views, (list, tuple)):
+        return [v.to(device, non_blocking=True) for v in views]
+    return views.to(device, non_blocking=True)
+
+
+def save_checkpoint(path, state):
+    """Write to a temporary file, then rename: a run killed mid-save keeps its previous checkpoint."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    if os.path.isdir(path):
+        path = os.path.join(path, "checkpoint.pt")
+    if not os.path.isfile(path):
+        raise DataError(f"checkpoint {path!r} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DataError(f"cannot load checkpoint {path}: {e}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("method") != METHOD:
+        found = ckpt.get("method") if isinstance(ckpt, dict) else None
+        raise DataError(f"{path} is not a {METHOD}.py checkpoint (method: {found!r})")
+    return ckpt, path
+
+
+def rng_state(device):
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class Logger:
+    """One fixed-format line every log_every steps, and the same values as JSON lines in log.jsonl."""
+
+    def __init__(self, run_dir, total_steps, batch_size, start_step):
+        self.path, self.total, self.batch = os.path.join(run_dir, "log.jsonl"), total_steps, batch_size
+        self.t0, self.step0 = time.perf_counter(), start_step  # the first window also counts start-up
+
+    def log(self, step, epoch, loss, lr, extras):
+        now = time.perf_counter()
+        ips = (step - self.step0) * self.batch / (now - self.t0)
+        eta = (self.total - step) * self.batch / ips if ips > 0 else float("nan")
+        self.t0, self.step0 = now, step
+        eta_text = "--:--" if math.isnan(eta) else f"{int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}"
+        line = f"step {step:>7d}/{self.total} | epoch {epoch:>3d} | loss {loss:.4f} | lr {lr:.2e} | {ips:>6.0f} img/s | ETA {eta_text}"
+        line += "".join(f" | {k} {v:.4g}" for k, v in extras.items())
+        print(line, flush=True)
+        record = {"step": step, "epoch": epoch, "train/loss": loss, "train/lr": lr, "train/img_per_s": ips}
+        record.update({f"train/{k}": v for k, v in extras.items()})
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def check_finite(losses, first_step):
+    """Stop with the exact step at which the loss stopped being finite (checked once per log window)."""
+    values = torch.stack(losses).float().cpu()
+    bad = (~torch.isfinite(values)).nonzero()
+    if len(bad):
+        step = first_step + int(bad[0])
+        raise DataError(f"loss is {values[bad[0]].item()} at step {step}: training diverged; "
+                        "try a lower --blr or a longer warm-up")
+    return values.mean().item()
+
+
+def measure_peak_tflops(device, dtype):
+    """Peak matmul throughput of this device in the training dtype: 8192^3 matmuls on CUDA."""
+    n, reps = (8192, 20) if device.type == "cuda" else (1024, 5)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync()
+    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e12
+
+
+def run_benchmark(args, device, step_fn):
+    """Time step_fn() (one forward, backward and optimizer step on synthetic data already on the
+    device); count the FLOPs of one eager step with torch.utils.flop_counter; report MFU against
+    the device's peak."""
+    from torch.utils.flop_counter import FlopCounterMode
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(10):  # warm-up, includes compilation
+        step_fn()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t = time.perf_counter()
+    for _ in range(args.benchmark_steps):
+        step_fn()
+    sync()
+    seconds = (time.perf_counter() - t) / args.benchmark_steps
+    with FlopCounterMode(display=False) as counter:  # one eager step of the same model
+        step_fn(eager=True)
+    flops = counter.get_total_flops()
+    amp = args.amp and device.type == "cuda"
+    peak = args.peak_tflops or measure_peak_tflops(device, torch.bfloat16 if amp else torch.float32)
+    achieved = flops / seconds / 1e12
+    mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    result = {"method": METHOD, "device": name, "torch": torch.__version__, "model": args.model_dims or args.model,
+              "img_size": args.img_size, "patch_size": args.patch_size, "batch_size": args.batch_size,
+              "amp_bf16": amp, "compile": args.compile and device.type == "cuda",
+              "img_per_s": args.batch_size / seconds, "ms_per_step": 1000 * seconds,
+              "gflop_per_img": flops / args.batch_size / 1e9, "tflops": achieved, "peak_tflops": peak,
+              "mfu": achieved / peak, "peak_mem_gib": mem}
+    print(f"benchmark | {name} | torch {torch.__version__} | {result['model']}/{args.patch_size} at "
+          f"{args.img_size} px | batch {args.batch_size} | bf16 {amp} | compile {result['compile']}")
+    print(f"benchmark | {result['img_per_s']:,.0f} img/s | {result['ms_per_step']:.1f} ms/step | "
+          f"{result['gflop_per_img']:.1f} GFLOP/img (fwd+bwd) | {achieved:.1f} TFLOP/s | MFU {100 * result['mfu']:.1f}% "
+          f"of {peak:.3g} TFLOP/s | peak memory {'n/a' if mem is None else f'{mem:.2f} GiB'}")
+    print(json.dumps(result))
+    return result
+# ==== end SHARED ====
+
+
+def train(args):
+    # ==== SHARED: set-up (recipe, run folder, seeding, device, AMP), identical in every method file ====
+    resumed = None
+    if args.resume:  # the run continues with its own settings; only these may change on resume
+        resumed, ckpt_path = load_checkpoint(args.resume)
+        keep = {k: getattr(args, k) for k in ("device", "compile", "amp", "num_workers", "stop_after", "log_every", "save_every")}
+        args = Args(**{**resumed["args"], **keep, "resume": ckpt_path})
+    recipe = apply_recipe(args)
+    run_dir = (os.path.dirname(args.resume) if args.resume else
+               os.path.join(args.out_dir, args.run_name or f"{METHOD}-{os.path.basename(os.path.normpath(args.data))}"
+                            f"-s{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}"))
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)  # CPU runs are bit-exact; GPU kernels and torch.compile may still differ slightly
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DataError("--device cuda was asked for but no GPU is visible; use --device cpu")
+    use_amp, use_compile = args.amp and device.type == "cuda", args.compile and device.type == "cuda"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    # ==== end SHARED ====
+
+    # model and optimizer
+    encoder = build_encoder(args, pos_embed="learnable")  # MSN's ViT learns its position table
+    model = MSN(encoder, args.hidden_dim, args.proj_dim, args.num_prototypes, args.patch_drop).to(device)
+    lr = args.blr * args.batch_size / 256  # official: an absolute lr, written here per 256 images
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, fused=device.type == "cuda")
+    train_model = torch.compile(model) if use_compile else model  # checkpoints save `model`, never `train_model`
+
+    def train_step(views, lr_now, progress, eager=False):
+        """One optimizer step on a batch already on the device, at lr_now and at `progress` (0 to 1)
+        through training; returns the loss and extra metrics (tensors: no sync with the GPU)."""
+        h = progress / args.horizon  # the schedules span --horizon times the run
+        wd_now = args.final_weight_decay + (args.weight_decay - args.final_weight_decay) * 0.5 * (1 + math.cos(math.pi * h))
+        for group in optimizer.param_groups:
+            group["lr"] = lr_now
+            if group["scheduled_wd"]:
+                group["weight_decay"] = wd_now  # cosine from 0.04 up to 0.4
+        with autocast:
+            z, z_plus = (model if eager else train_model)(*views)
+        loss, ce, entropy = msn_loss(z, z_plus, model.prototypes, args.tau, args.sharpen, args.memax_weight, args.sinkhorn)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if args.clip_grad:
+            torch.nn.utils.clip_grad_norm_(list(model.encoder.parameters()) + list(model.head.parameters()), args.clip_grad)
+        optimizer.step()
+        model.momentum_update(args.momentum + (1 - args.momentum) * h)  # linear toward 1, after the step
+        # collapse indicators: H(p+, p), the ME-MAX term, and H(p_bar) as exp(H) = prototypes in use
+        return loss.detach(), {"ce": ce, "memax": -args.memax_weight * entropy, "entropy": entropy,
+                               "prototypes_used": entropy.exp()}
+
+    print(f"{METHOD} | recipe {recipe} | ViT-{args.model_dims or args.model}/{args.patch_size} at {args.img_size} px "
+          f"({sum(p.numel() for p in encoder.parameters()) / 1e6:.1f} M encoder, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M total) | batch {args.batch_size} | "
+          f"lr {lr:.2e} (blr {args.blr:.2e} x {args.batch_size}/256) | wd {args.weight_decay} | "
+          f"{device} bf16={use_amp} compile={use_compile}")
+    if args.benchmark:
+        sizes = [args.img_size] * 2 + [args.focal_size] * args.focal_views
+        views = [torch.randn(args.batch_size, 3, s, s, device=device) for s in sizes]
+        return run_benchmark(args, device, lambda eager=False: train_step(views, lr, 0.0, eager))
+
+    # ==== SHARED: data loader, schedule length, resume, identical in every method file ====
+    dataset = Augmented(build_dataset(args.data, "train", args.img_size), train_transform(args))
+    steps_per_epoch = len(dataset) // args.batch_size
+    if steps_per_epoch == 0:
+        raise DataError(f"{args.data} has {len(dataset)} images, fewer than one batch of {args.batch_size}")
+    sampler = EpochSampler(len(dataset), args.seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
+                                         num_workers=args.num_workers, pin_memory=device.type == "cuda",
+                                         persistent_workers=args.num_workers > 0,
+                                         generator=torch.Generator().manual_seed(args.seed))  # keeps the global RNG (masks) untouched
+    total_steps = args.steps or args.epochs * steps_per_epoch
+    warmup_steps = round(total_steps * args.warmup_epochs / args.epochs)
+    step = 0
+    if resumed:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        set_rng_state(resumed["rng"], device)
+        step = resumed["step"]
+        print(f"resumed from {args.resume} at step {step}")
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump(dataclasses.asdict(args), f, indent=1)
+    with open(os.path.join(run_dir, f"{METHOD}.py"), "w") as f:  # the code that produced this run
+        f.write(open(__file__).read())
+    ckpt_path = os.path.join(run_dir, "checkpoint.pt")
+    print(f"{len(dataset)} images | {steps_per_epoch} steps/epoch | {total_steps} steps "
+          f"({total_steps / steps_per_epoch:.1f} epochs, warm-up {warmup_steps}) | writing to {run_dir}")
+
+    def checkpoint():
+        save_checkpoint(ckpt_path, {
+            "method": METHOD, "args": dataclasses.asdict(args), "step": step,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state(device),
+            "encoder": model.encoder.state_dict(), "encoder_config": model.encoder.config,
+            **encoders_to_save(model),
+        })
+
+    stop = []  # Ctrl-C / SIGTERM: finish the step, save, exit; a second Ctrl-C stops at once
+    def request_stop(signum, frame):
+        stop.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print(f"\nsignal {signum}: saving a checkpoint after this step (Ctrl-C again to quit now)", flush=True)
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    logger, losses, window_start = Logger(run_dir, total_steps, args.batch_size, step), [], step
+    end_step = min(total_steps, step + args.stop_after) if args.stop_after else total_steps
+    # ==== end SHARED ====
+
+    while step < end_step and not stop:
+        epoch = step // steps_per_epoch
+        sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * args.batch_size)
+        for views, _ in loader:
+            # 1-5. one MSN step: mask anchors, encode, predict prototypes, H(p+, p) - lambda H(p_bar), EMA
+            lr_now = lr_at(step, round(args.horizon * total_steps), warmup_steps, lr, args.min_lr)  # 1.25x horizon
+            loss, extras = train_step(to_device(views, device), lr_now, step / total_steps)
+            losses.append(loss)
+            step += 1
+
+            # ==== SHARED: logging and checkpoints inside the loop, identical in every method file ====
+            if step % args.log_every == 0 or step == end_step:
+                mean_loss = check_finite(losses, window_start + 1)
+                logger.log(step, epoch, mean_loss, lr_now, {k: v.item() for k, v in extras.items()})
+                losses, window_start = [], step
+            if step % args.save_every == 0 or step == end_step or stop:
+                checkpoint()
+            if step == end_step or stop or step % steps_per_epoch == 0:
+                break
+            # ==== end SHARED ====
+
+
+    print(f"{'stopped' if step < total_steps else 'finished'} at step {step}/{total_steps}; checkpoint: {ckpt_path}")
+    return ckpt_path
+
+
+# ---------------------------------------------------------------- main
+if __name__ == "__main__":
+    try:
+        train(parse_args())
+    except DataError as e:  # raised in a DataLoader worker, it carries the worker's traceback: keep the last line
+        sys.exit("error: " + str(e).strip().splitlines()[-1].removeprefix("DataError: "))
