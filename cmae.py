@@ -115,8 +115,8 @@ class Args:
     """end this process after this many steps, saving a checkpoint (the schedule still spans the whole run); continue with --resume"""
     log_every: int = 50
     """steps between log lines"""
-    save_every: int = 1000
-    """steps between checkpoints; one is also written at the end and on Ctrl-C / SIGTERM"""
+    save_minutes: float = 10.0
+    """minutes between checkpoints, so a hard kill loses at most this much; one is also written at the end and on Ctrl-C / SIGTERM"""
     benchmark: bool = False
     """measure training speed instead of training: img/s, TFLOP/s and MFU on synthetic data already on the device"""
     benchmark_steps: int = 30
@@ -610,6 +610,14 @@ def to_device(views, device):
     return views.to(device, non_blocking=True)
 
 
+def ignore_stop_signals(worker_id):
+    """DataLoader workers leave Ctrl-C and SIGTERM to the main process, which finishes its step, saves
+    a checkpoint and then shuts them down. (A signal sent to the whole process group, by Ctrl-C or a
+    cluster scheduler, would otherwise kill the workers first, and the run before it could save.)"""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def save_checkpoint(path, state):
     """Write to a temporary file, then rename: a run killed mid-save keeps its previous checkpoint."""
     tmp = path + ".tmp"
@@ -763,7 +771,7 @@ def train(args):
     resumed = None
     if args.resume:  # the run continues with its own settings; only these may change on resume
         resumed, ckpt_path = load_checkpoint(args.resume)
-        keep = {k: getattr(args, k) for k in ("device", "compile", "amp", "num_workers", "stop_after", "log_every", "save_every")}
+        keep = {k: getattr(args, k) for k in ("device", "compile", "amp", "num_workers", "stop_after", "log_every", "save_minutes")}
         args = Args(**{**resumed["args"], **keep, "resume": ckpt_path})
     recipe = apply_recipe(args)
     run_dir = (os.path.dirname(args.resume) if args.resume else
@@ -819,7 +827,7 @@ def train(args):
     sampler = EpochSampler(len(dataset), args.seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
                                          num_workers=args.num_workers, pin_memory=device.type == "cuda",
-                                         persistent_workers=args.num_workers > 0,
+                                         persistent_workers=args.num_workers > 0, worker_init_fn=ignore_stop_signals,
                                          generator=torch.Generator().manual_seed(args.seed))  # keeps the global RNG (masks) untouched
     total_steps = args.steps or args.epochs * steps_per_epoch
     warmup_steps = round(total_steps * args.warmup_epochs / args.epochs)
@@ -854,7 +862,7 @@ def train(args):
         print(f"\nsignal {signum}: saving a checkpoint after this step (Ctrl-C again to quit now)", flush=True)
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
-    logger, losses, window_start = Logger(run_dir, total_steps, args.batch_size, step), [], step
+    logger, losses, window_start, last_save = Logger(run_dir, total_steps, args.batch_size, step), [], step, time.monotonic()
     end_step = min(total_steps, step + args.stop_after) if args.stop_after else total_steps
     # ==== end SHARED ====
 
@@ -878,8 +886,9 @@ def train(args):
                 mean_loss = check_finite(losses, window_start + 1)
                 logger.log(step, epoch, mean_loss, lr_now, {k: v.item() for k, v in extras.items()})
                 losses, window_start = [], step
-            if step % args.save_every == 0 or step == end_step or stop:
+            if time.monotonic() - last_save > 60 * args.save_minutes or step == end_step or stop:
                 checkpoint()
+                last_save = time.monotonic()
             if step == end_step or stop or step % steps_per_epoch == 0:
                 break
             # ==== end SHARED ====

@@ -113,3 +113,27 @@ def test_evaluate_rejects_foreign_checkpoints(tmp_path, cli):
     torch.save(state, tmp_path / "moco.pt")
     one_line_error(cli("mae.py", "--resume", str(tmp_path / "moco.pt"), "--device", "cpu", expect_ok=False),
                    "not a mae.py checkpoint")
+
+
+def test_a_signal_to_the_whole_process_group_saves_a_checkpoint(tmp_path):
+    """Ctrl-C or a cluster's SIGTERM reaches the main process and its DataLoader workers at once: the
+    run must finish its step, save, and exit cleanly, rather than die with its workers."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+    argv = [sys.executable, "mae.py", "--data", "fake", *TINY[:-8], "--steps", "100000", "--num-workers", "2",
+            "--log-every", "1", "--vis-every", "0", "--out-dir", str(tmp_path), "--run-name", "sig"]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    for line in proc.stdout:  # wait until a few steps have run with the workers up
+        if line.startswith("step       3/"):
+            break
+    os.killpg(proc.pid, signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, out
+    assert "stopped at step" in out
+    ckpt = torch.load(tmp_path / "sig" / "checkpoint.pt", weights_only=True)
+    assert 3 <= ckpt["step"] < 100000
