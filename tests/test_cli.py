@@ -137,3 +137,13 @@ def test_a_signal_to_the_whole_process_group_saves_a_checkpoint(tmp_path):
     assert "stopped at step" in out
     ckpt = torch.load(tmp_path / "sig" / "checkpoint.pt", weights_only=True)
     assert 3 <= ckpt["step"] < 100000
+
+
+@pytest.mark.parametrize("method", ["mae", "moco"])
+def test_benchmark_reports_speed_and_mfu(cli, method):
+    extra = ["--decoder-dim", "32", "--decoder-depth", "1", "--decoder-heads", "2"] if method == "mae" else ["--mlp-dim", "64"]
+    out = cli(f"{method}.py", "--benchmark", "--device", "cpu", "--model-dims", "32,1,2", "--batch-size", "8",
+              "--benchmark-steps", "2", "--peak-tflops", "1", *extra).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["img_per_s"] > 0 and result["gflop_per_img"] > 0 and 0 < result["mfu"] < 1
+    assert "img/s" in out and "MFU" in out

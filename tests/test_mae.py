@@ -143,3 +143,10 @@ def test_reconstruction_picture_is_written(tmp_path):
     from PIL import Image
     with Image.open(path) as im:
         assert im.size[1] > 3 * 32  # three rows: original, masked, reconstruction
+
+
+def test_non_finite_loss_stops_with_the_step():
+    losses = [torch.tensor(1.0), torch.tensor(0.9), torch.tensor(float("nan")), torch.tensor(float("inf"))]
+    with pytest.raises(mae.DataError, match="loss is nan at step 12"):
+        mae.check_finite(losses, first_step=10)
+    assert mae.check_finite(losses[:2], first_step=10) == pytest.approx(0.95)
