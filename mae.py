@@ -109,7 +109,7 @@ class Args:
     log_every: int = 50
     """steps between log lines"""
     save_minutes: float = 10.0
-    """minutes between checkpoints, so a hard kill loses at most this much; one is also written at the end and on Ctrl-C / SIGTERM"""
+    """minutes between checkpoints, so a hard kill (or a SIGTERM to the whole process group, which stops the data workers too) loses at most this much; one is also written at the end and on Ctrl-C / SIGTERM to the main process"""
     benchmark: bool = False
     """measure training speed instead of training: img/s, TFLOP/s and MFU on synthetic data already on the device"""
     benchmark_steps: int = 30
@@ -486,14 +486,6 @@ def to_device(views, device):
     return views.to(device, non_blocking=True)
 
 
-def ignore_stop_signals(worker_id):
-    """DataLoader workers leave Ctrl-C and SIGTERM to the main process, which finishes its step, saves
-    a checkpoint and then shuts them down. (A signal sent to the whole process group, by Ctrl-C or a
-    cluster scheduler, would otherwise kill the workers first, and the run before it could save.)"""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
 def save_checkpoint(path, state):
     """Write to a temporary file, then rename: a run killed mid-save keeps its previous checkpoint."""
     tmp = path + ".tmp"
@@ -699,7 +691,7 @@ def train(args):
     sampler = EpochSampler(len(dataset), args.seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
                                          num_workers=args.num_workers, pin_memory=device.type == "cuda",
-                                         persistent_workers=args.num_workers > 0, worker_init_fn=ignore_stop_signals,
+                                         persistent_workers=args.num_workers > 0,
                                          generator=torch.Generator().manual_seed(args.seed))  # keeps the global RNG (masks) untouched
     total_steps = args.steps or args.epochs * steps_per_epoch
     warmup_steps = round(total_steps * args.warmup_epochs / args.epochs)
