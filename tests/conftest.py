@@ -1,3 +1,4 @@
+import math
 import os
 import subprocess
 import sys
@@ -14,6 +15,11 @@ def run_cli(*argv, cwd=None, expect_ok=True):
     if expect_ok:
         assert proc.returncode == 0, f"{argv} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
+
+
+def cosine(a, b):
+    """Cosine similarity of two plain lists, computed by hand for the loss tests."""
+    return sum(x * y for x, y in zip(a, b)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
 
 
 @pytest.fixture

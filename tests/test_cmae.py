@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from conftest import cosine
 import torchvision.transforms as T
 from PIL import Image
 
@@ -60,10 +61,9 @@ def test_unit_masking_masks_whole_2x2_units():
 def test_infonce_equals_hand_computation_with_two_tau():
     torch.manual_seed(0)
     y, z, tau = torch.randn(3, 4), torch.randn(3, 4), 0.07
-    cos = lambda a, b: sum(p * q for p, q in zip(a, b)) / math.sqrt(sum(p * p for p in a) * sum(q * q for q in b))
     total = 0.0
     for i in range(3):
-        logits = [cos(y[i].tolist(), z[j].tolist()) / tau for j in range(3)]
+        logits = [cosine(y[i].tolist(), z[j].tolist()) / tau for j in range(3)]
         total += -logits[i] + math.log(sum(math.exp(l) for l in logits))
     assert cmae.infonce_loss(y, z, tau).item() == pytest.approx(2 * tau * total / 3, rel=1e-5)
 

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from conftest import cosine
 import torchvision.transforms as T
 
 import conmim
@@ -40,10 +41,9 @@ def test_loss_equals_hand_computation_at_masked_positions_only():
     torch.manual_seed(0)
     q, k, tau = torch.randn(1, 3, 2), torch.randn(1, 3, 2), 0.1
     mask = torch.tensor([[1.0, 0.0, 1.0]])
-    cos = lambda a, b: sum(x * y for x, y in zip(a, b)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
     losses = []
     for j in (0, 2):  # masked positions; the dictionary is the 3 patches of the same image, positive = key j
-        logits = [cos(q[0, j].tolist(), k[0, i].tolist()) / tau for i in range(3)]
+        logits = [cosine(q[0, j].tolist(), k[0, i].tolist()) / tau for i in range(3)]
         losses.append(-logits[j] + math.log(sum(math.exp(l) for l in logits)))
     assert conmim.conmim_loss(q, k, mask, tau).item() == pytest.approx(sum(losses) / 2, rel=1e-5)
     q2 = q.clone()

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from conftest import cosine
 
 import moco
 from vit import ViT
@@ -17,10 +18,9 @@ def small_moco():
 def test_contrastive_loss_equals_hand_computation():
     torch.manual_seed(0)
     q, k, tau = torch.randn(3, 4), torch.randn(3, 4), 0.2
-    cos = lambda a, b: sum(x * y for x, y in zip(a, b)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
     total = 0.0
     for i in range(3):
-        logits = [cos(q[i].tolist(), k[j].tolist()) / tau for j in range(3)]
+        logits = [cosine(q[i].tolist(), k[j].tolist()) / tau for j in range(3)]
         total += -logits[i] + math.log(sum(math.exp(l) for l in logits))  # CE with the own index as label
     expected = 2 * tau * total / 3
     assert moco.contrastive_loss(q, k, tau).item() == pytest.approx(expected, rel=1e-5)

@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from conftest import cosine
 from PIL import Image
 
 import msn
@@ -67,9 +68,8 @@ def test_loss_equals_hand_computation():
     z = torch.tensor([[2.0, 0.0], [0.0, -1.0]])                      # M = 2 anchors
     tau, T, lam = 0.5, 0.5, 0.7
     softmax = lambda s: [math.exp(v) / sum(math.exp(u) for u in s) for v in s]
-    cos = lambda a, b: sum(x * y for x, y in zip(a, b)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
-    p = [softmax([cos(zm, qk) / tau for qk in q.tolist()]) for zm in z.tolist()]
-    p_plus = softmax([cos(z_plus[0].tolist(), qk) / (tau * T) for qk in q.tolist()])
+    p = [softmax([cosine(zm, qk) / tau for qk in q.tolist()]) for zm in z.tolist()]
+    p_plus = softmax([cosine(z_plus[0].tolist(), qk) / (tau * T) for qk in q.tolist()])
     ce = sum(-sum(pp * math.log(pk) for pp, pk in zip(p_plus, pm)) for pm in p) / 2
     p_bar = [(p[0][k] + p[1][k]) / 2 for k in range(3)]
     entropy = -sum(v * math.log(v) for v in p_bar)
