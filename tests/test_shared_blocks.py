@@ -35,3 +35,23 @@ def test_shared_blocks_are_identical(other):
     for name in names:
         assert name in blocks, f"{other} lacks the SHARED block {name!r}"
         assert blocks[name] == template[name], f"{other}: SHARED block {name!r} differs from mae.py"
+
+
+# functions a file copies from another method file, with the same name and the same text
+COPIES = {
+    "grafting.py": {"mae": ["random_masking", "MAEDecoder", "mae_loss"],
+                    "moco": ["mlp", "momentum_at", "contrastive_loss", "moco_loss", "gaussian_blur"]},
+    "cmae.py": {"mae": ["MAEDecoder", "mae_loss"]},
+}
+
+
+@pytest.mark.parametrize("copy", sorted(COPIES))
+def test_copied_functions_are_identical(copy):
+    import importlib
+    import inspect
+    module = importlib.import_module(copy.removesuffix(".py"))
+    for source, names in COPIES[copy].items():
+        original = importlib.import_module(source)
+        for name in names:
+            assert inspect.getsource(getattr(module, name)) == inspect.getsource(getattr(original, name)), \
+                f"{copy}: {name} differs from {source}.py"

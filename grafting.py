@@ -1,0 +1,1132 @@
+"""
+Layer Grafted Pre-training: Bridging Contrastive Learning and Masked Image Modeling for
+Label-Efficient Representations (Jiang, Chen, Wang, ... , Wang, ICLR 2023)
+arXiv:2302.14138, official code github.com/VITA-Group/layerGraftedPretraining_ICLR23
+
+Masked image modeling (MIM) suits the lower layers of a ViT, contrastive learning (CL) the higher
+ones, and training one encoder on both losses at once makes their gradients conflict. So graft:
+step 1 trains a MAE (mae.py); step 2 starts MoCo v3 from the MAE encoder, with the lower layers
+learning at 1/10 of the lr (a soft "MIM -> CL" boundary) and the top third at the full lr.
+This file is step 2, the multi-task baseline it is compared with, and the measurement of the
+gradient conflict that motivates it.
+
+Run:
+    python mae.py --data imagenet/                                   # step 1 (or any mae.py run)
+    python grafting.py --data imagenet/ --mae-ckpt runs/<mae-run>/checkpoint.pt   # step 2: MoCo v3 on top
+    python grafting.py --mae-ckpt runs/<mae-run>/checkpoint.pt --freeze-lower    # hard "MIM -> CL" (seed Tab. 1)
+    python grafting.py --mode mtl                                    # the baseline: L = L_MIM + L_CL, one encoder
+    python grafting.py --analyze-gradients runs/<run>/checkpoint.pt  # per-block gradient conflict table + PNG
+    python mae.py --data fake --device cpu --steps 10 --batch-size 16 --model-dims 64,3,4 --decoder-dim 32 --decoder-depth 1 --decoder-heads 2 --out-dir runs --run-name mae-smoke
+    python grafting.py --data fake --device cpu --steps 10 --batch-size 16 --mlp-dim 128 --mae-ckpt runs/mae-smoke/checkpoint.pt   # seconds
+    python evaluate.py --ckpt runs/<run>/checkpoint.pt --data cifar10   # kNN + linear probe (base encoder)
+Expected result of the default run: not yet measured on a GPU (see README.md for measured runs).
+
+Paper -> code
+  1. Step 1, MIM: a MAE checkpoint written by mae.py                             -> --mae-ckpt, load_mae_checkpoint()
+  2. Step 2 init: the MAE encoder in both the MoCo v3 base and momentum encoders -> build_model()
+  3. Step 2 "smoothing the boundary": embeddings + lower 2/3 of the blocks at lr / 10,
+     top 1/3, final norm and heads at the full lr (official --lr_layer_wise)      -> param_groups(), --lower-blocks, --lower-lr-ratio
+     the hard version, lower layers frozen (seed Tab. 1 "MIM -> CL")             -> --freeze-lower
+  4. Step 2 loss: MoCo v3 exactly (moco.py): 2 tau x InfoNCE, symmetric, momentum encoder -> contrastive_loss(), Grafting.contrastive()
+  5. "MTL combination": one encoder, MIM on a minimally augmented view + CL on two strong views -> --mode mtl, Grafting.forward()
+  6. Gradient conflict C(x) = <g_MIM / |g_MIM|, g_CL / |g_CL|> per sample x and per block -> analyze_gradients(), block_cosines()
+
+Deviations from the paper
+  - One GPU: batch 256 instead of 4096 (ViT-L: 2080); lr = blr x batch / 256 as in MoCo v3.
+  - The official ViT-L run adds an L1 pull of the lower half toward its MAE weights
+    (1e-5 x sum |theta - theta_MAE|); not implemented here (ViT-B does not use it).
+  - Weight decay skips 1-D parameters, CLS and positions, as the official grafting code does
+    (moco.py decays every parameter, as the MoCo v3 code does).
+  - The released main_pretrain.py never calls scaler.step() (REFERENCE §7.5); here the optimizer steps.
+  - The seed gives no weights for the MTL loss: L = L_MIM + L_CL, 1 : 1. The MTL baseline is not in
+    the released code; here it trains every layer at the full lr. Like MoCo v3, both modes freeze the
+    patch embedding (--no-freeze-patch-embed trains it).
+  - The gradient measurement is not in the released code (its eval_gradient.py saves supervised
+    gradients); it is built from the seed's formula: per sample, L_MIM with that sample's own mask,
+    L_CL as that sample's two query terms with the batch's keys as constants, the heads' BatchNorm
+    in eval mode so that samples do not couple, and gradients w.r.t. one block's parameters at a time.
+  - CIFAR-10 recipe (our choice, no official one): the MAE checkpoint's ViT, 100 epochs of step 2
+    (the seed's Tab. 1 length), batch 256.
+"""
+# ---------------------------------------------------------------- imports
+import argparse
+import ast
+import copy
+import dataclasses
+import inspect
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+import types
+import typing
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+import torchvision.transforms as T
+from einops import repeat
+
+from vit import SIZES, Block, ViT, sincos_pos_embed
+
+METHOD = "grafting"
+
+
+# ---------------------------------------------------------------- config
+@dataclass
+class Args:
+    # ==== SHARED fields: the same in every method file ====
+    data: str = "cifar10"
+    """'cifar10' (torchvision downloads it), 'fake' (1,000 synthetic images, for smoke runs) or a folder: PATH/train/<class>/*.jpg (ImageNet layout), PATH/<class>/*.jpg, or a flat folder of images"""
+    recipe: str = "auto"
+    """hyper-parameter preset, 'cifar10' or 'imagenet'; 'auto' picks imagenet when the images are 64 px or larger. Any flag you pass overrides the preset"""
+    model: str | None = None
+    """ViT size: tiny (192 wide, 12 deep, 3 heads), small (384/12/6), base (768/12/12), large (1024/24/16)"""
+    model_dims: str = ""
+    """a custom ViT as 'width,depth,heads' (e.g. 64,2,4 for smoke runs); overrides --model"""
+    img_size: int | None = None
+    """training resolution in pixels (recipe: 32 for CIFAR-10, 224 for ImageNet)"""
+    patch_size: int | None = None
+    """patch size in pixels; must divide img-size (recipe: 4 at 32 px, 16 at 224 px)"""
+    epochs: int | None = None
+    """passes over the training set (paper: 800 or 1600 on ImageNet)"""
+    steps: int = 0
+    """total optimizer steps; if set, overrides --epochs and the schedule is compressed into these steps"""
+    batch_size: int | None = None
+    """images per step (paper: 4096 over many GPUs)"""
+    blr: float | None = None
+    """base learning rate: the lr at batch 256. Effective lr = blr * batch-size / 256 (printed at start)"""
+    min_lr: float = 0.0
+    """lr at the end of the cosine schedule"""
+    weight_decay: float | None = None
+    """AdamW weight decay, not applied to biases and norm weights"""
+    warmup_epochs: float | None = None
+    """epochs of linear lr warm-up from 0 before the cosine decay"""
+    seed: int = 0
+    """seeds every random draw: data order, augmentations, masks, initialisation"""
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    """'cuda' or 'cpu'"""
+    compile: bool = True
+    """torch.compile the model (CUDA only; the first steps are slow while it compiles)"""
+    amp: bool = True
+    """bf16 autocast (CUDA only); no grad scaler is needed with bf16"""
+    num_workers: int = min(8, os.cpu_count() or 1)
+    """data-loading processes; 0 loads in the main process"""
+    out_dir: str = "runs"
+    """each run writes to OUT_DIR/RUN_NAME: checkpoint.pt, log.jsonl, args.json, a copy of this file, pictures"""
+    run_name: str = ""
+    """run folder name (default: <method>-<data>-s<seed>-<date>-<time>)"""
+    resume: str = ""
+    """a checkpoint.pt (or its run folder) to continue; the run's own settings are kept"""
+    stop_after: int = 0
+    """end this process after this many steps, saving a checkpoint (the schedule still spans the whole run); continue with --resume"""
+    log_every: int = 50
+    """steps between log lines"""
+    save_minutes: float = 10.0
+    """minutes between checkpoints, so a hard kill (or a SIGTERM to the whole process group, which stops the data workers too) loses at most this much; one is also written at the end and on Ctrl-C / SIGTERM to the main process"""
+    benchmark: bool = False
+    """measure training speed instead of training: img/s, TFLOP/s and MFU on synthetic data already on the device"""
+    benchmark_steps: int = 30
+    """timed steps for --benchmark (after 10 warm-up steps, which include compilation)"""
+    peak_tflops: float = 0.0
+    """the device's peak TFLOP/s for MFU; 0 measures it with a large matmul in the training dtype"""
+    # ==== Layer Grafting specific ====
+    mode: str = "graft"
+    """'graft': MoCo v3 on top of a MAE encoder with layer-wise lrs (the paper's step 2); 'mtl': the multi-task baseline, one encoder trained on L_MIM + L_CL from --mae-ckpt or from scratch"""
+    mae_ckpt: str = ""
+    """checkpoint.pt written by mae.py (step 1); its encoder initialises both MoCo v3 encoders, and its shape (width, depth, heads, image and patch size) becomes this run's. Required for --mode graft"""
+    lower_blocks: int = -1
+    """blocks in the slow lower group, counted from the input; -1 = the lower 2/3 (8 of 12, as the official code)"""
+    lower_lr_ratio: float = 0.1
+    """lr of the patch embedding, CLS, positions and lower blocks, as a fraction of the lr (official: 1.5e-5 / 1.5e-4)"""
+    freeze_lower: bool = False
+    """freeze the embeddings and lower blocks at their MAE values instead (the seed's hard "MIM -> CL" grafting, Tab. 1)"""
+    tau: float = 0.2
+    """softmax temperature of the InfoNCE loss (MoCo v3 and the official grafting runs: 0.2)"""
+    momentum: float = 0.99
+    """momentum-encoder momentum at the start, raised to 1 by a half-cosine (official: 0.99)"""
+    proj_dim: int = 256
+    """output width of the projection and prediction MLPs (MoCo v3: 256)"""
+    mlp_dim: int = 4096
+    """hidden width of the projection and prediction MLPs (MoCo v3: 4096)"""
+    freeze_patch_embed: bool = True
+    """keep the patch embedding fixed, at its MAE values when grafting (official --stop-grad-conv1); --no-freeze-patch-embed trains it"""
+    mask_ratio: float = 0.75
+    """MIM loss of --mode mtl and --analyze-gradients: fraction of patches removed (MAE: 0.75)"""
+    norm_pix_loss: bool = True
+    """MIM targets are per-patch standardised pixels (taken from the MAE checkpoint when there is one)"""
+    decoder_dim: int | None = None
+    """MAE decoder width (taken from the MAE checkpoint when there is one)"""
+    decoder_depth: int | None = None
+    """MAE decoder blocks (taken from the MAE checkpoint when there is one)"""
+    decoder_heads: int | None = None
+    """MAE decoder attention heads (taken from the MAE checkpoint when there is one)"""
+    analyze_gradients: str = ""
+    """instead of training: a grafting.py or mae.py checkpoint whose per-sample, per-block cosine between the MIM and CL gradients is measured on --data; prints a table, writes JSON and a PNG next to it"""
+    analyze_samples: int = 128
+    """images for --analyze-gradients (one forward and backward per image and loss)"""
+
+# Hyper-parameter presets. A field left at None above is filled from the recipe. With --mae-ckpt the
+# encoder and decoder shapes come from the MAE checkpoint instead.
+RECIPES = {
+    # our small-data recipe (no official CIFAR-10 run): 100 epochs of step 2, as the seed's Tab. 1
+    "cifar10": dict(model="tiny", img_size=32, patch_size=4, epochs=100, batch_size=256, blr=1.5e-4,
+                    weight_decay=0.1, warmup_epochs=10, decoder_dim=256, decoder_depth=4, decoder_heads=8),
+    # the official ViT-B run (cmds/shell_scripts/pretrain.sh: 300 epochs, 40 warm-up, wd 0.1, top lr
+    # 1.5e-4 x batch / 256), at batch 256 on one GPU
+    "imagenet": dict(model="base", img_size=224, patch_size=16, epochs=300, batch_size=256, blr=1.5e-4,
+                     weight_decay=0.1, warmup_epochs=40, decoder_dim=512, decoder_depth=8, decoder_heads=16),
+}
+
+
+# ==== SHARED: argument parsing, identical in every method file and in evaluate.py ====
+def parse_args(argv=None):
+    """Build one --kebab-case flag per Args field; the docstring under each field is its --help."""
+    fields = ast.parse(inspect.getsource(Args)).body[0].body
+    helps = {a.target.id: b.value.value for a, b in zip(fields, fields[1:])
+             if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Args):
+        flag, kind = "--" + f.name.replace("_", "-"), f.type
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # "int | None" -> int
+            kind = next(t for t in typing.get_args(kind) if t is not type(None))
+        default_text = "from the recipe" if f.default is None else f.default
+        help_text = f"{helps.get(f.name, '')} (default: {default_text})".replace("%", "%%")
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+        else:
+            parser.add_argument(flag, type=kind, default=f.default, help=help_text)
+    return Args(**vars(parser.parse_args(argv)))
+# ==== end SHARED ====
+
+
+# ==== SHARED: recipe and encoder, identical in every method file ====
+def apply_recipe(args):
+    """Fill every field left at None from the chosen recipe; returns the recipe's name."""
+    recipe = args.recipe
+    if recipe == "auto":
+        side = min(peek_image_size(args.data))
+        recipe = "imagenet" if side >= 64 else "cifar10"
+    if recipe not in RECIPES:
+        raise DataError(f"unknown --recipe {recipe!r}; choose one of {sorted(RECIPES)} or 'auto'")
+    for name, value in RECIPES[recipe].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return recipe
+
+
+def build_encoder(args, **kwargs):
+    """The ViT named by --model (or --model-dims width,depth,heads) at --img-size / --patch-size."""
+    if args.model_dims:
+        dim, depth, heads = (int(v) for v in args.model_dims.split(","))
+    elif args.model in SIZES:
+        dim, depth, heads = SIZES[args.model]
+    else:
+        raise DataError(f"unknown --model {args.model!r}; choose one of {sorted(SIZES)} or pass --model-dims")
+    if args.img_size % args.patch_size:
+        raise DataError(f"--img-size {args.img_size} is not divisible by --patch-size {args.patch_size}")
+    return ViT(img_size=args.img_size, patch_size=args.patch_size, dim=dim, depth=depth, heads=heads, **kwargs)
+# ==== end SHARED ====
+
+
+# ---------------------------------------------------------------- data
+# ==== SHARED: datasets, identical in every method file and in evaluate.py ====
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics, used by every method
+
+
+class DataError(Exception):
+    """A problem to report as one line, without a traceback: bad input (a missing folder, an
+    unreadable image, a checkpoint of another method) or a run that diverged or collapsed."""
+
+
+def find_images(root):
+    """(path, label) pairs and class names for a folder of class folders, or a flat folder (label -1)."""
+    if not os.path.isdir(root):
+        raise DataError(f"data folder {root!r} does not exist")
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    samples = []
+    for label, name in enumerate(classes):
+        for folder, _, files in sorted(os.walk(os.path.join(root, name), followlinks=True)):
+            samples += [(os.path.join(folder, f), label) for f in sorted(files) if f.lower().endswith(IMAGE_EXTS)]
+    if not classes:  # a flat folder of unlabeled images
+        samples = [(os.path.join(root, f), -1) for f in sorted(os.listdir(root)) if f.lower().endswith(IMAGE_EXTS)]
+    if not samples:
+        raise DataError(f"no images ({', '.join(IMAGE_EXTS)}) found in {root!r}")
+    return samples, classes
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    def __init__(self, root):
+        self.root = root
+        self.samples, self.classes = find_images(root)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, label = self.samples[i]
+        try:
+            with open(path, "rb") as f:
+                from PIL import Image  # torchvision depends on Pillow
+                return Image.open(f).convert("RGB"), label  # grayscale and RGBA become RGB
+        except Exception as e:
+            raise DataError(f"cannot read image {path}: {e}") from None
+
+
+class FakeImages(torch.utils.data.Dataset):
+    """Synthetic images with structure, for smoke runs and tests: a smooth random colour field plus
+    stripes whose orientation and frequency depend on the class (10 classes)."""
+
+    def __init__(self, n, size=32, num_classes=10):
+        self.n, self.size, self.classes = n, size, [f"class{c}" for c in range(num_classes)]
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(i)
+        label = i % len(self.classes)
+        field = torch.rand(1, 3, 4, 4, generator=g)
+        field = torch.nn.functional.interpolate(field, size=(self.size, self.size), mode="bilinear")[0]
+        yy, xx = torch.meshgrid(torch.arange(self.size), torch.arange(self.size), indexing="ij")
+        angle = math.pi * (label % 5) / 5
+        wave = torch.sin((xx * math.cos(angle) + yy * math.sin(angle)) * (0.3 + 0.3 * (label // 5)))
+        img = (0.6 * field + 0.4 * (wave + 1) / 2).clamp(0, 1)
+        return T.functional.to_pil_image(img), label
+
+
+def build_dataset(data, split="train", img_size=32):
+    """The unaugmented (PIL image, label) dataset for --data, split 'train' or 'val'."""
+    if data == "fake":
+        return FakeImages(1000 if split == "train" else 200, size=img_size)
+    if data == "cifar10":
+        root = os.environ.get("CIFAR10_ROOT", os.path.join("data", "cifar10-torchvision"))
+        try:
+            ds = torchvision.datasets.CIFAR10(root, train=(split == "train"), download=True)
+        except Exception as e:
+            raise DataError(f"could not download CIFAR-10 into {root} ({type(e).__name__}: {e}); without a "
+                            "network, pass --data PATH to a folder of images, e.g. CIFAR-10 as JPEGs") from None
+        return ds
+    # a folder: ImageNet layout (train/ and val/ or test/), or itself the training set
+    names = ["train"] if split == "train" else ["val", "test"]
+    for name in names:
+        if os.path.isdir(os.path.join(data, name)):
+            return ImageFiles(os.path.join(data, name))
+    if split == "train":
+        return ImageFiles(data)
+    raise DataError(f"{data!r} has no val/ or test/ folder of labelled images to evaluate on")
+
+
+def peek_image_size(data):
+    """(width, height) of the first image, to pick a recipe without listing a whole data set."""
+    if data in ("fake", "cifar10"):
+        return (32, 32)
+    if not os.path.isdir(data):
+        raise DataError(f"data folder {data!r} does not exist (--data takes 'cifar10', 'fake' or a folder)")
+    for folder, dirs, files in os.walk(data, followlinks=True):
+        dirs.sort()
+        for f in sorted(files):
+            if f.lower().endswith(IMAGE_EXTS):
+                from PIL import Image
+                try:
+                    with Image.open(os.path.join(folder, f)) as im:
+                        return im.size
+                except Exception as e:
+                    raise DataError(f"cannot read image {os.path.join(folder, f)}: {e}") from None
+    raise DataError(f"no images ({', '.join(IMAGE_EXTS)}) found in {data!r}")
+
+
+def eval_transform(img_size):
+    """Centre crop, no augmentation: resize to img_size/0.875 then crop (224 -> 256 -> 224) for
+    large images; small images (CIFAR) are only resized to img_size."""
+    resize = round(img_size / 0.875) if img_size >= 96 else img_size
+    return T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(img_size),
+                      T.ToTensor(), T.Normalize(MEAN, STD)])
+
+
+class Augmented(torch.utils.data.Dataset):
+    """Applies a transform under a per-sample seed, so every augmentation is a function of
+    (run seed, epoch, position in the epoch): the same with any number of workers and after --resume."""
+
+    def __init__(self, base, transform):
+        self.base, self.transform = base, transform
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, item):
+        index, seed = item if isinstance(item, tuple) else (item, item)
+        img, label = self.base[index]
+        with torch.random.fork_rng(devices=[]):  # leaves the caller's RNG untouched
+            torch.manual_seed(seed)
+            return self.transform(img), label
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Shuffles with a generator seeded by (seed, epoch) and yields (index, augmentation seed).
+    set_epoch(epoch, skip) starts an epoch, skipping the first `skip` samples (those done before a resume)."""
+
+    def __init__(self, n, seed):
+        self.n, self.seed, self.epoch, self.skip = n, seed, 0, 0
+
+    def set_epoch(self, epoch, skip=0):
+        self.epoch, self.skip = epoch, skip
+
+    def __len__(self):
+        return self.n - self.skip
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.n, generator=g).tolist()
+        seeds = torch.randint(0, 2**62, (self.n,), generator=g).tolist()
+        yield from zip(order[self.skip:], seeds[self.skip:])
+# ==== end SHARED ====
+
+
+def gaussian_blur(img_size, p):
+    """Blur with sigma ~ U(0.1, 2.0) at 224 px, applied with probability p; kernel (about 10% of the
+    side, 23 px at 224) and sigma scale with img_size."""
+    s = img_size / 224
+    return T.RandomApply([T.GaussianBlur(2 * round(0.05 * img_size) + 1, sigma=(0.1 * s, 2.0 * s))], p=p)
+
+
+class Views:
+    """Several independently augmented views of one image, one per transform."""
+
+    def __init__(self, *transforms):
+        self.transforms = transforms
+
+    def __call__(self, img):
+        return [t(img) for t in self.transforms]
+
+
+def train_transform(args):
+    """The two strong views of MoCo v3 (BYOL's asymmetric pair, as moco.py and the official
+    utils/pretrain.py): random resized crop (0.08, 1), colour jitter (0.4, 0.4, 0.2, 0.1) with p 0.8,
+    grayscale 0.2; view 1 always blurred; view 2 blurred with p 0.1 and solarised with p 0.2; a flip.
+    --mode mtl adds a third, minimally augmented view for the MIM loss: MAE's crop (0.2, 1) and flip."""
+    def view(blur_p, solarize_p):
+        return T.Compose([
+            T.RandomResizedCrop(args.img_size, scale=(0.08, 1.0)),
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+            gaussian_blur(args.img_size, p=blur_p),
+            T.RandomSolarize(threshold=128, p=solarize_p),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(MEAN, STD),
+        ])
+    strong = [view(blur_p=1.0, solarize_p=0.0), view(blur_p=0.1, solarize_p=0.2)]
+    if args.mode == "graft":
+        return Views(*strong)
+    minimal = T.Compose([
+        T.RandomResizedCrop(args.img_size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(MEAN, STD),
+    ])
+    return Views(*strong, minimal)
+
+
+# ---------------------------------------------------------------- model
+# MAE pieces, the same text as in mae.py
+def random_masking(x, mask_ratio, noise=None, n_keep=None):
+    """MAE Sec. 3: "randomly shuffle the list of tokens and remove the last portion of the list".
+    x: (B, N, D) patch tokens with positions. Every sample gets its own mask, but all keep the same
+    number n_keep (default int(N * (1 - mask_ratio)), MAE's rounding), so the batch stays one dense
+    tensor. noise (B, N): the shuffle keys, uniform by default.
+    Returns x_visible (B, N_keep, D); mask (B, N) float, 1 = masked (predicted), 0 = visible;
+    ids_restore (B, N), the permutation that puts the shuffled list back in raster order."""
+    B, N, D = x.shape
+    n_keep = int(N * (1 - mask_ratio)) if n_keep is None else n_keep
+    if noise is None:
+        noise = torch.rand(B, N, device=x.device)     # (B, N) uniform noise per patch
+    ids_shuffle = noise.argsort(dim=1)                # shuffle: patches with small noise come first
+    ids_restore = ids_shuffle.argsort(dim=1)          # inverse permutation: argsort of a permutation
+    ids_keep = ids_shuffle[:, :n_keep]                # keep the first part of the shuffled list
+    x_visible = x.gather(1, repeat(ids_keep, "b n -> b n d", d=D))  # (B, N_keep, D)
+    mask = torch.ones(B, N, device=x.device)
+    mask[:, :n_keep] = 0                              # in shuffled order: kept first, removed last
+    mask = mask.gather(1, ids_restore)                # (B, N) back in raster order
+    return x_visible, mask, ids_restore
+
+
+# MAE decoder specifics
+class MAEDecoder(nn.Module):
+    """Sec. 3 "MAE decoder": a linear projection of the encoded visible tokens, a shared learned
+    [mask] token at every removed position, its own fixed sin-cos positions, a few Transformer
+    blocks, and a linear layer to out_dim values per patch."""
+
+    def __init__(self, enc_dim, dim, depth, heads, out_dim, grid):
+        super().__init__()
+        self.embed = nn.Linear(enc_dim, dim)  # "a single projection layer" (seed 003)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(sincos_pos_embed(dim, *grid).unsqueeze(0), requires_grad=False)
+        self.blocks = nn.ModuleList([Block(dim, heads) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pred = nn.Linear(dim, out_dim)
+        nn.init.normal_(self.mask_token, std=0.02)  # MAE's initialisation (REFERENCE §0.4)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, latent, ids_restore):
+        """latent (B, 1 + N_keep, D_enc) with CLS first -> predictions (B, N, out_dim) in raster order."""
+        x = self.embed(latent)                                           # (B, 1 + N_keep, D_dec)
+        B, N = ids_restore.shape
+        mask_tokens = self.mask_token.expand(B, N + 1 - x.shape[1], -1)  # (B, N - N_keep, D_dec)
+        x_ = torch.cat([x[:, 1:], mask_tokens], dim=1)                   # shuffled order: visible, then masked
+        x_ = x_.gather(1, repeat(ids_restore, "b n -> b n d", d=x.shape[-1]))  # unshuffle to raster order
+        x = torch.cat([x[:, :1], x_], dim=1) + self.pos_embed            # (B, 1 + N, D_dec)
+        for block in self.blocks:
+            x = block(x)
+        return self.pred(self.norm(x))[:, 1:]                            # drop CLS: (B, N, out_dim)
+
+
+# MoCo v3 pieces, the same text as in moco.py
+def mlp(num_layers, in_dim, mlp_dim, out_dim):
+    """moco/builder.py _build_mlp: hidden layers are Linear (no bias), BN, ReLU; the output layer is
+    Linear (no bias) then BN without affine. For ViT both heads end in that BN (last_bn=True)."""
+    layers = []
+    for i in range(num_layers):
+        d_in, d_out = (in_dim if i == 0 else mlp_dim), (out_dim if i == num_layers - 1 else mlp_dim)
+        layers.append(nn.Linear(d_in, d_out, bias=False))
+        if i < num_layers - 1:
+            layers += [nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
+        else:
+            layers.append(nn.BatchNorm1d(d_out, affine=False))
+    return nn.Sequential(*layers)
+
+
+def momentum_at(progress, m0):
+    """m = 1 - (1 - m0) (1 + cos(pi t / T)) / 2, t / T = progress: m0 at the start, 1 at the end."""
+    return 1 - (1 - m0) * (1 + math.cos(math.pi * progress)) / 2
+
+
+class Grafting(nn.Module):
+    """MoCo v3 (moco.py) and MAE's decoder (mae.py) on one shared encoder. --mode graft trains the
+    MoCo v3 part only and keeps the MAE decoder frozen, so that --analyze-gradients can still
+    compute the MIM loss of a grafted checkpoint; --mode mtl trains both."""
+
+    def __init__(self, encoder, proj_dim=256, mlp_dim=4096, tau=0.2, decoder_dim=512, decoder_depth=8,
+                 decoder_heads=16, mask_ratio=0.75, norm_pix_loss=True):
+        super().__init__()
+        self.tau, self.mask_ratio, self.norm_pix_loss = tau, mask_ratio, norm_pix_loss
+        # f_q: backbone + projector (3 layers) + predictor (2 layers), as in moco.py
+        self.encoder = encoder
+        self.projector = mlp(3, encoder.dim, mlp_dim, proj_dim)
+        self.predictor = mlp(2, proj_dim, mlp_dim, proj_dim)
+        # MAE's decoder, as in mae.py
+        p = encoder.patch_size
+        self.decoder = MAEDecoder(encoder.dim, decoder_dim, decoder_depth, decoder_heads, p * p * 3, encoder.grid)
+        # f_k: a momentum copy of backbone + projector, never trained by gradients. Made here, after
+        # the encoder got its MAE weights, so both encoders start from step 1's result.
+        self.momentum_encoder = copy.deepcopy(encoder)
+        self.momentum_projector = copy.deepcopy(self.projector)
+        for p in self.momentum_parameters():
+            p.requires_grad_(False)
+
+    def momentum_parameters(self):
+        return list(self.momentum_encoder.parameters()) + list(self.momentum_projector.parameters())
+
+    @torch.no_grad()
+    def momentum_update(self, m):
+        """MoCo v3 Alg. 1: f_k.params = m * f_k.params + (1 - m) * f_q.params (parameters only).
+        Parameters the online model does not train (the frozen patch embedding, frozen lower
+        blocks, the sin-cos table) are skipped, so they stay at their MAE values in both encoders."""
+        pairs = [(t, o) for t, o in zip(self.momentum_parameters(),
+                                        list(self.encoder.parameters()) + list(self.projector.parameters()))
+                 if o.requires_grad]
+        target, online = [t for t, _ in pairs], [o for _, o in pairs]
+        torch._foreach_mul_(target, m)
+        torch._foreach_add_(target, online, alpha=1 - m)
+
+    def queries(self, x1, x2):
+        """q = predictor(projector(encoder(x))) for both views; the backbone sees both in one batch."""
+        h1, h2 = self.encoder(torch.cat([x1, x2])).chunk(2)              # 2 x (B, D)
+        return self.predictor(self.projector(h1)), self.predictor(self.projector(h2))
+
+    @torch.no_grad()
+    def keys(self, x1, x2):
+        """k = momentum projector(momentum encoder(x)) for both views, no gradient."""
+        g1, g2 = self.momentum_encoder(torch.cat([x1, x2])).chunk(2)
+        return self.momentum_projector(g1), self.momentum_projector(g2)
+
+    def contrastive(self, x1, x2):
+        """L_CL: MoCo v3's symmetrised InfoNCE of two strong views (the momentum update comes first, in train_step)."""
+        q1, q2 = self.queries(x1, x2)
+        k1, k2 = self.keys(x1, x2)
+        return moco_loss(q1, q2, k1, k2, self.tau)
+
+    def masked_modeling(self, imgs, noise=None):
+        """L_MIM: MAE's loss of one view: mask, encode the visible patches, decode, MSE on the masked ones."""
+        x = self.encoder.embed(imgs)                                     # (B, N, D)
+        x_visible, mask, ids_restore = random_masking(x, self.mask_ratio, noise)
+        pred = self.decoder(self.encoder.forward_tokens(x_visible), ids_restore)  # (B, N, p*p*3)
+        return mae_loss(pred, self.encoder.patchify(imgs), mask, self.norm_pix_loss)
+
+    def forward(self, x1, x2, x_mim=None):
+        """--mode graft: (x1, x2) -> L_CL. --mode mtl: (x1, x2, x_mim) -> L_MIM + L_CL (the seed's MTL
+        combination, weights 1 : 1). Returns (loss, {"cl": L_CL[, "mim": L_MIM]})."""
+        loss_cl = self.contrastive(x1, x2)
+        if x_mim is None:
+            return loss_cl, {"cl": loss_cl.detach()}
+        loss_mim = self.masked_modeling(x_mim)
+        return loss_mim + loss_cl, {"cl": loss_cl.detach(), "mim": loss_mim.detach()}
+
+
+def load_mae_checkpoint(path):
+    """Step 1's result: a checkpoint written by mae.py, with a clear error for anything else."""
+    if not path:
+        raise DataError("--mode graft needs --mae-ckpt: a checkpoint.pt written by mae.py (step 1)")
+    if os.path.isdir(path):
+        path = os.path.join(path, "checkpoint.pt")
+    if not os.path.isfile(path):
+        raise DataError(f"MAE checkpoint {path!r} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DataError(f"cannot load MAE checkpoint {path}: {e}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("method") != "mae":
+        found = ckpt.get("method") if isinstance(ckpt, dict) else None
+        raise DataError(f"--mae-ckpt {path} is not a mae.py checkpoint (method: {found!r})")
+    return ckpt
+
+
+def adopt_mae_shape(args, mae):
+    """The encoder and decoder shapes of this run are the MAE checkpoint's; a flag that asks for
+    another shape is an error, not a silent change."""
+    cfg, mae_args = mae["encoder_config"], mae["args"]
+    dims = f"{cfg['dim']},{cfg['depth']},{cfg['heads']}"
+    asked = args.model_dims or (",".join(map(str, SIZES[args.model])) if args.model in SIZES else None)
+    if asked and asked.replace(" ", "") != dims:
+        raise DataError(f"--mae-ckpt holds a ViT of width,depth,heads {dims} but --model/--model-dims asks for "
+                        f"{asked}; drop the flag to use the checkpoint's shape")
+    for name in ("img_size", "patch_size"):
+        if getattr(args, name) not in (None, cfg[name]):
+            raise DataError(f"--mae-ckpt was trained with {name.replace('_', '-')} {cfg[name]}, "
+                            f"not {getattr(args, name)}; drop the flag to use the checkpoint's")
+    args.model_dims, args.img_size, args.patch_size = dims, cfg["img_size"], cfg["patch_size"]
+    for name in ("decoder_dim", "decoder_depth", "decoder_heads", "norm_pix_loss"):
+        setattr(args, name, mae_args[name])
+
+
+def lower_block_count(args, depth):
+    """--lower-blocks, or the lower 2/3 of the blocks (official: 8 of 12, 16 of 24)."""
+    n = round(depth * 2 / 3) if args.lower_blocks < 0 else args.lower_blocks
+    if not 0 <= n <= depth:
+        raise DataError(f"--lower-blocks {args.lower_blocks} is outside 0..{depth} (the encoder's depth)")
+    return n
+
+
+def lower_parameters(encoder, n_lower):
+    """The slow (or frozen) part: patch embedding, CLS, positions and the first n_lower blocks."""
+    return [encoder.patch_embed.proj.weight, encoder.patch_embed.proj.bias, encoder.cls_token, encoder.pos_embed,
+            *[p for block in encoder.blocks[:n_lower] for p in block.parameters()]]
+
+
+def build_model(args, mae=None):
+    """Grafting model of args' shape; with a MAE checkpoint, its encoder goes into both the base and
+    the momentum encoder and its decoder into the decoder. Then the parts that do not train are frozen."""
+    encoder = build_encoder(args)
+    if mae is not None:
+        encoder.load_state_dict(mae["encoder"])
+    model = Grafting(encoder, args.proj_dim, args.mlp_dim, args.tau, args.decoder_dim, args.decoder_depth,
+                     args.decoder_heads, args.mask_ratio, args.norm_pix_loss)
+    if mae is not None:
+        model.decoder.load_state_dict({k.removeprefix("decoder."): v for k, v in mae["model"].items()
+                                       if k.startswith("decoder.")})
+    if args.freeze_patch_embed:  # official --stop-grad-conv1: the patch embedding keeps its MAE values
+        encoder.patch_embed.requires_grad_(False)
+    if args.mode == "graft":
+        model.decoder.requires_grad_(False)  # kept for --analyze-gradients, not trained by MoCo v3
+        if args.freeze_lower:  # seed Tab. 1 "MIM -> CL": the lower layers stay MAE's
+            for p in lower_parameters(encoder, lower_block_count(args, len(encoder.blocks))):
+                p.requires_grad_(False)
+    return model
+
+
+def param_groups(model, weight_decay, n_lower, lower_lr_ratio):
+    """Layer-wise lrs (official utils_mae/lr_decay.py param_groups_lrd_moco): the embeddings and the
+    first n_lower blocks get lr_scale = lower_lr_ratio, everything else (the top blocks, the final
+    norm, projector and predictor) lr_scale = 1; train_step sets lr = lr_now x lr_scale. No weight
+    decay on 1-D parameters, CLS and positions. Frozen parameters are left out."""
+    lower = {id(p) for p in lower_parameters(model.encoder, n_lower)}
+    no_decay = {id(model.encoder.cls_token), id(model.encoder.pos_embed)}
+    groups = {}
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        scale = lower_lr_ratio if id(p) in lower else 1.0
+        decay = 0.0 if p.ndim <= 1 or id(p) in no_decay else weight_decay
+        groups.setdefault((scale, decay), {"params": [], "lr_scale": scale, "weight_decay": decay})["params"].append(p)
+    return list(groups.values())
+
+
+def encoders_to_save(model):
+    """Both encoders; evaluate.py uses the base (online) encoder by default, as the official code (REFERENCE §8)."""
+    return {"target_encoder": model.momentum_encoder.state_dict(), "default_encoder": "online"}
+
+
+# ---------------------------------------------------------------- loss
+def mae_loss(pred, target, mask, norm_pix_loss=True):
+    """MAE Sec. 3: L = sum_{b,n} M_bn * mean_d (pred_bnd - t_bnd)^2 / sum_{b,n} M_bn, only masked
+    patches count (M = 1). With norm_pix_loss, t = (x - mean) / sqrt(var + 1e-6) per patch, using the
+    unbiased variance of that patch's p*p*3 values (as the official forward_loss does).
+    pred, target: (B, N, p*p*3); mask: (B, N), 1 = masked."""
+    pred = pred.float()  # the loss in fp32 even under bf16 autocast
+    if norm_pix_loss:
+        mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1e-6) ** 0.5
+    per_patch = ((pred - target) ** 2).mean(dim=-1)                     # (B, N)
+    return (per_patch * mask).sum() / mask.sum()
+
+
+def contrastive_loss(q, k, tau):
+    """Alg. 1 ctr(q, k) = 2 tau x CE(logits, labels), logits_ij = <q_i/|q_i|, k_j/|k_j|> / tau: query i's
+    positive is key i (the same image, other view), the other B - 1 keys are its negatives.
+    Why 2 tau (moco-v3 builder.py, issue #31): the gradient of CE with respect to a cosine carries a
+    1/tau; multiplying by tau cancels it, so the loss and gradient scale do not change with tau. The
+    2 is the official constant (with tau = 0.5 the factor is 1)."""
+    q, k = F.normalize(q.float(), dim=1), F.normalize(k.float(), dim=1)
+    logits = q @ k.T / tau                                               # (B, B)
+    labels = torch.arange(len(q), device=q.device)                       # positives on the diagonal
+    return F.cross_entropy(logits, labels) * (2 * tau)
+
+
+def moco_loss(q1, q2, k1, k2, tau):
+    """Alg. 1: L = ctr(q1, k2) + ctr(q2, k1), symmetric and summed (not averaged)."""
+    return contrastive_loss(q1, k2, tau) + contrastive_loss(q2, k1, tau)
+
+
+# ---------------------------------------------------------------- train
+# ==== SHARED: schedule, logging, checkpoints and benchmark, identical in every method file ====
+def lr_at(step, total_steps, warmup_steps, peak_lr, min_lr):
+    """Linear warm-up from 0 to peak_lr, then a half-cosine down to min_lr, per step (MAE util/lr_sched.py)."""
+    if step < warmup_steps:
+        return peak_lr * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + (peak_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def to_device(views, device):
+    """A batch is one view (B, 3, H, W) or a list of views; move it to the device without blocking."""
+    if isinstance(views, (list, tuple)):
+        return [v.to(device, non_blocking=True) for v in views]
+    return views.to(device, non_blocking=True)
+
+
+def save_checkpoint(path, state):
+    """Write to a temporary file, then rename: a run killed mid-save keeps its previous checkpoint."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    if os.path.isdir(path):
+        path = os.path.join(path, "checkpoint.pt")
+    if not os.path.isfile(path):
+        raise DataError(f"checkpoint {path!r} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DataError(f"cannot load checkpoint {path}: {e}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("method") != METHOD:
+        found = ckpt.get("method") if isinstance(ckpt, dict) else None
+        raise DataError(f"{path} is not a {METHOD}.py checkpoint (method: {found!r})")
+    return ckpt, path
+
+
+def rng_state(device):
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class Logger:
+    """One fixed-format line every log_every steps, and the same values as JSON lines in log.jsonl."""
+
+    def __init__(self, run_dir, total_steps, batch_size, start_step):
+        self.path, self.total, self.batch = os.path.join(run_dir, "log.jsonl"), total_steps, batch_size
+        self.t0, self.step0 = time.perf_counter(), start_step  # the first window also counts start-up
+
+    def log(self, step, epoch, loss, lr, extras):
+        now = time.perf_counter()
+        ips = (step - self.step0) * self.batch / (now - self.t0)
+        eta = (self.total - step) * self.batch / ips if ips > 0 else float("nan")
+        self.t0, self.step0 = now, step
+        eta_text = "--:--" if math.isnan(eta) else f"{int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}"
+        line = f"step {step:>7d}/{self.total} | epoch {epoch:>3d} | loss {loss:.4f} | lr {lr:.2e} | {ips:>6.0f} img/s | ETA {eta_text}"
+        line += "".join(f" | {k} {v:.4g}" for k, v in extras.items())
+        print(line, flush=True)
+        record = {"step": step, "epoch": epoch, "train/loss": loss, "train/lr": lr, "train/img_per_s": ips}
+        record.update({f"train/{k}": v for k, v in extras.items()})
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def check_finite(losses, first_step):
+    """Stop with the exact step at which the loss stopped being finite (checked once per log window)."""
+    values = torch.stack(losses).float().cpu()
+    bad = (~torch.isfinite(values)).nonzero()
+    if len(bad):
+        step = first_step + int(bad[0])
+        raise DataError(f"loss is {values[bad[0]].item()} at step {step}: training diverged; "
+                        "try a lower --blr or a longer warm-up")
+    return values.mean().item()
+
+
+def measure_peak_tflops(device, dtype):
+    """Peak matmul throughput of this device in the training dtype: 8192^3 matmuls on CUDA."""
+    n, reps = (8192, 20) if device.type == "cuda" else (1024, 5)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync()
+    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e12
+
+
+def run_benchmark(args, device, step_fn):
+    """Time step_fn() (one forward, backward and optimizer step on synthetic data already on the
+    device); count the FLOPs of one eager step with torch.utils.flop_counter; report MFU against
+    the device's peak."""
+    from torch.utils.flop_counter import FlopCounterMode
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(10):  # warm-up, includes compilation
+        step_fn()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t = time.perf_counter()
+    for _ in range(args.benchmark_steps):
+        step_fn()
+    sync()
+    seconds = (time.perf_counter() - t) / args.benchmark_steps
+    with FlopCounterMode(display=False) as counter:  # one eager step of the same model
+        step_fn(eager=True)
+    flops = counter.get_total_flops()
+    amp = args.amp and device.type == "cuda"
+    peak = args.peak_tflops or measure_peak_tflops(device, torch.bfloat16 if amp else torch.float32)
+    achieved = flops / seconds / 1e12
+    mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    result = {"method": METHOD, "device": name, "torch": torch.__version__, "model": args.model_dims or args.model,
+              "img_size": args.img_size, "patch_size": args.patch_size, "batch_size": args.batch_size,
+              "amp_bf16": amp, "compile": args.compile and device.type == "cuda",
+              "img_per_s": args.batch_size / seconds, "ms_per_step": 1000 * seconds,
+              "gflop_per_img": flops / args.batch_size / 1e9, "tflops": achieved, "peak_tflops": peak,
+              "mfu": achieved / peak, "peak_mem_gib": mem}
+    print(f"benchmark | {name} | torch {torch.__version__} | {result['model']}/{args.patch_size} at "
+          f"{args.img_size} px | batch {args.batch_size} | bf16 {amp} | compile {result['compile']}")
+    print(f"benchmark | {result['img_per_s']:,.0f} img/s | {result['ms_per_step']:.1f} ms/step | "
+          f"{result['gflop_per_img']:.1f} GFLOP/img (fwd+bwd) | {achieved:.1f} TFLOP/s | MFU {100 * result['mfu']:.1f}% "
+          f"of {peak:.3g} TFLOP/s | peak memory {'n/a' if mem is None else f'{mem:.2f} GiB'}")
+    print(json.dumps(result))
+    return result
+# ==== end SHARED ====
+
+
+def train(args):
+    if args.mode not in ("graft", "mtl"):
+        raise DataError(f"--mode must be 'graft' or 'mtl', not {args.mode!r}")
+    mae = None
+    if (args.mae_ckpt or args.mode == "graft") and not args.resume:  # step 1: its encoder decides our shape
+        mae = load_mae_checkpoint(args.mae_ckpt)
+        adopt_mae_shape(args, mae)
+    # ==== SHARED: set-up (recipe, run folder, seeding, device, AMP), identical in every method file ====
+    resumed = None
+    if args.resume:  # the run continues with its own settings; only these may change on resume
+        resumed, ckpt_path = load_checkpoint(args.resume)
+        keep = {k: getattr(args, k) for k in ("device", "compile", "amp", "num_workers", "stop_after", "log_every", "save_minutes")}
+        args = Args(**{**resumed["args"], **keep, "resume": ckpt_path})
+    recipe = apply_recipe(args)
+    run_dir = (os.path.dirname(args.resume) if args.resume else
+               os.path.join(args.out_dir, args.run_name or f"{METHOD}-{os.path.basename(os.path.normpath(args.data))}"
+                            f"-s{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}"))
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)  # CPU runs are bit-exact; GPU kernels and torch.compile may still differ slightly
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DataError("--device cuda was asked for but no GPU is visible; use --device cpu")
+    use_amp, use_compile = args.amp and device.type == "cuda", args.compile and device.type == "cuda"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    # ==== end SHARED ====
+
+    # model and optimizer
+    model = build_model(args, mae).to(device)
+    encoder = model.encoder
+    n_lower = lower_block_count(args, len(encoder.blocks))
+    lower_lr_ratio = args.lower_lr_ratio if args.mode == "graft" else 1.0  # the MTL baseline: one lr
+    lr = args.blr * args.batch_size / 256  # the top layers' lr, by MoCo v3's linear scaling rule
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay, n_lower, lower_lr_ratio), lr=lr,
+                                  fused=device.type == "cuda")
+    train_model = torch.compile(model) if use_compile else model  # checkpoints save `model`, never `train_model`
+
+    def train_step(views, lr_now, progress, eager=False):
+        """One optimizer step on a batch already on the device, at lr_now and at `progress` (0 to 1)
+        through training; returns the loss and extra metrics (tensors: no sync with the GPU)."""
+        for group in optimizer.param_groups:
+            group["lr"] = lr_now * group["lr_scale"]  # the lower layers learn at lower_lr_ratio x lr
+        m = momentum_at(progress, args.momentum)
+        model.momentum_update(m)  # MoCo v3 Alg. 1: the key encoder is updated before the keys are computed
+        with autocast:
+            loss, parts = (model if eager else train_model)(*views)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.detach(), {**parts, "m": torch.tensor(m)}
+
+    frozen = "embeddings + blocks 1-{} frozen".format(n_lower) if args.freeze_lower and args.mode == "graft" else \
+        f"embeddings + blocks 1-{n_lower} at lr x {lower_lr_ratio:g}"
+    print(f"{METHOD} | mode {args.mode} | {'from ' + args.mae_ckpt if args.mae_ckpt else 'from scratch'} | {frozen}")
+    print(f"{METHOD} | recipe {recipe} | ViT-{args.model_dims or args.model}/{args.patch_size} at {args.img_size} px "
+          f"({sum(p.numel() for p in encoder.parameters()) / 1e6:.1f} M encoder, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M total) | batch {args.batch_size} | "
+          f"lr {lr:.2e} (blr {args.blr:.2e} x {args.batch_size}/256) | wd {args.weight_decay} | "
+          f"{device} bf16={use_amp} compile={use_compile}")
+    if args.benchmark:
+        views = [torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+                 for _ in range(2 if args.mode == "graft" else 3)]
+        return run_benchmark(args, device, lambda eager=False: train_step(views, lr, 0.0, eager))
+
+    # ==== SHARED: data loader, schedule length, resume, identical in every method file ====
+    dataset = Augmented(build_dataset(args.data, "train", args.img_size), train_transform(args))
+    steps_per_epoch = len(dataset) // args.batch_size
+    if steps_per_epoch == 0:
+        raise DataError(f"{args.data} has {len(dataset)} images, fewer than one batch of {args.batch_size}")
+    sampler = EpochSampler(len(dataset), args.seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
+                                         num_workers=args.num_workers, pin_memory=device.type == "cuda",
+                                         persistent_workers=args.num_workers > 0,
+                                         generator=torch.Generator().manual_seed(args.seed))  # keeps the global RNG (masks) untouched
+    total_steps = args.steps or args.epochs * steps_per_epoch
+    warmup_steps = round(total_steps * args.warmup_epochs / args.epochs)
+    step = 0
+    if resumed:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        set_rng_state(resumed["rng"], device)
+        step = resumed["step"]
+        print(f"resumed from {args.resume} at step {step}")
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump(dataclasses.asdict(args), f, indent=1)
+    with open(os.path.join(run_dir, f"{METHOD}.py"), "w") as f:  # the code that produced this run
+        f.write(open(__file__).read())
+    ckpt_path = os.path.join(run_dir, "checkpoint.pt")
+    print(f"{len(dataset)} images | {steps_per_epoch} steps/epoch | {total_steps} steps "
+          f"({total_steps / steps_per_epoch:.1f} epochs, warm-up {warmup_steps}) | writing to {run_dir}")
+
+    def checkpoint():
+        save_checkpoint(ckpt_path, {
+            "method": METHOD, "args": dataclasses.asdict(args), "step": step,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state(device),
+            "encoder": model.encoder.state_dict(), "encoder_config": model.encoder.config,
+            **encoders_to_save(model),
+        })
+
+    stop = []  # Ctrl-C / SIGTERM: finish the step, save, exit; a second Ctrl-C stops at once
+    def request_stop(signum, frame):
+        stop.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print(f"\nsignal {signum}: saving a checkpoint after this step (Ctrl-C again to quit now)", flush=True)
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    logger, losses, window_start, last_save = Logger(run_dir, total_steps, args.batch_size, step), [], step, time.monotonic()
+    end_step = min(total_steps, step + args.stop_after) if args.stop_after else total_steps
+    # ==== end SHARED ====
+
+    while step < end_step and not stop:
+        epoch = step // steps_per_epoch
+        sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * args.batch_size)
+        for views, _ in loader:
+            # 2-5. one step: momentum update, MoCo v3 on two strong views (+ MAE on a third in --mode mtl)
+            lr_now = lr_at(step, total_steps, warmup_steps, lr, args.min_lr)
+            loss, extras = train_step(to_device(views, device), lr_now, step / total_steps)
+            losses.append(loss)
+            step += 1
+
+            # ==== SHARED: logging and checkpoints inside the loop, identical in every method file ====
+            if step % args.log_every == 0 or step == end_step:
+                mean_loss = check_finite(losses, window_start + 1)
+                logger.log(step, epoch, mean_loss, lr_now, {k: v.item() for k, v in extras.items()})
+                losses, window_start = [], step
+            if time.monotonic() - last_save > 60 * args.save_minutes or step == end_step or stop:
+                checkpoint()
+                last_save = time.monotonic()
+            if step == end_step or stop or step % steps_per_epoch == 0:
+                break
+            # ==== end SHARED ====
+
+    print(f"{'stopped' if step < total_steps else 'finished'} at step {step}/{total_steps}; checkpoint: {ckpt_path}")
+    return ckpt_path
+
+
+# ---------------------------------------------------------------- gradient conflict (seed 002, Sec. "Conflicts")
+def block_cosines(loss_a, loss_b, blocks):
+    """C = <g_a / |g_a|, g_b / |g_b|> for each block, g = the gradient of the loss w.r.t. all of
+    that block's parameters, flattened into one vector. A block that one loss does not reach has
+    g = 0 and C = 0. Returns (len(blocks),)."""
+    params = [list(block.parameters()) for block in blocks]
+    flat = [p for ps in params for p in ps]
+    grads = []
+    for loss in (loss_a, loss_b):
+        g = torch.autograd.grad(loss, flat, allow_unused=True)
+        g = [torch.zeros_like(p) if gi is None else gi for gi, p in zip(g, flat)]
+        per_block, start = [], 0
+        for ps in params:
+            per_block.append(torch.cat([gi.flatten().float() for gi in g[start:start + len(ps)]]))
+            start += len(ps)
+        grads.append(per_block)
+    return torch.stack([F.cosine_similarity(a, b, dim=0, eps=1e-12) for a, b in zip(*grads)])
+
+
+def sample_gradient_conflict(model, x_mim, x1, x2, k1, k2, i):
+    """C_MIM,CL(x_i) for every encoder block. L_MIM(x_i): MAE's loss of sample i alone, with its own
+    random mask. L_CL(x_i): sample i's two query terms of MoCo v3's loss, ctr(q1_i, k2) + ctr(q2_i, k1),
+    against the keys of the whole batch (constants). The keys are reordered so that i's own key
+    comes first, which is where contrastive_loss() looks for the positive of a single query."""
+    def own_first(k):
+        return torch.cat([k[i:i + 1], k[:i], k[i + 1:]])
+    loss_mim = model.masked_modeling(x_mim[i:i + 1])
+    q1, q2 = model.queries(x1[i:i + 1], x2[i:i + 1])
+    loss_cl = contrastive_loss(q1, own_first(k2), model.tau) + contrastive_loss(q2, own_first(k1), model.tau)
+    return block_cosines(loss_mim, loss_cl, model.encoder.blocks)
+
+
+def load_for_analysis(path, args):
+    """A grafting.py checkpoint (any mode) as trained, or a mae.py checkpoint as grafting's starting
+    point (its encoder and decoder, fresh MoCo v3 heads). Returns (model, its Args, description)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "checkpoint.pt")
+    if not os.path.isfile(path):
+        raise DataError(f"checkpoint {path!r} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DataError(f"cannot load checkpoint {path}: {e}") from None
+    method = ckpt.get("method") if isinstance(ckpt, dict) else None
+    if method == METHOD:
+        run_args = Args(**ckpt["args"])
+        model = build_model(run_args)
+        model.load_state_dict(ckpt["model"])
+        return model, run_args, path, f"{METHOD} --mode {run_args.mode}, step {ckpt['step']}"
+    if method == "mae":
+        run_args = dataclasses.replace(args, mae_ckpt=path, mode="mtl")
+        adopt_mae_shape(run_args, ckpt)
+        apply_recipe(run_args)
+        torch.manual_seed(args.seed)
+        return build_model(run_args, ckpt), run_args, path, f"mae step {ckpt['step']} (MoCo v3 heads at init)"
+    raise DataError(f"--analyze-gradients needs a grafting.py or mae.py checkpoint; {path} is from {method!r}")
+
+
+def analyze_gradients(args):
+    """Measure C_MIM,CL(x) per sample and per block on --analyze-samples images of --data; print a
+    table (mean, std, fraction below 0 per block), write gradient_conflict.json and a box plot PNG
+    next to the checkpoint."""
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DataError("--device cuda was asked for but no GPU is visible; use --device cpu")
+    model, run_args, path, what = load_for_analysis(args.analyze_gradients, args)
+    model.to(device).eval()  # BN of the heads in eval mode: each sample's loss depends on it alone
+    model.encoder.requires_grad_(True)  # frozen parts still have a gradient to measure
+    view_args = dataclasses.replace(run_args, mode="mtl")  # two strong views and the minimal one
+    dataset = build_dataset(args.data, "train", run_args.img_size)
+    n = min(args.analyze_samples, len(dataset))
+    if n < 2:
+        raise DataError(f"--analyze-samples must be at least 2 (the CL loss needs other images' keys), got {n}")
+    picks = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))[:n].tolist()
+    views = Augmented(dataset, train_transform(view_args))
+    x1, x2, x_mim = (torch.stack(v).to(device) for v in zip(*[views[(j, args.seed + j)][0] for j in picks]))
+    k1, k2 = model.keys(x1, x2)  # the whole batch's keys, constants for every sample's CL loss
+    torch.manual_seed(args.seed)  # the masks
+    print(f"gradient conflict | {what} | {n} images of {args.data} | {len(model.encoder.blocks)} blocks")
+    t0 = time.perf_counter()
+    cos = torch.stack([sample_gradient_conflict(model, x_mim, x1, x2, k1, k2, i).cpu() for i in range(n)])  # (n, depth)
+    print(f"{n} samples in {time.perf_counter() - t0:.0f} s\n")
+    print("| block | mean C | std | median | fraction C < 0 | min | max |")
+    print("|---|---|---|---|---|---|---|")
+    rows = []
+    for b in range(cos.shape[1]):
+        c = cos[:, b]
+        row = {"block": b + 1, "mean": c.mean().item(), "std": c.std().item(), "median": c.median().item(),
+               "frac_negative": (c < 0).float().mean().item(), "min": c.min().item(), "max": c.max().item()}
+        rows.append(row)
+        print(f"| {b + 1} | {row['mean']:+.4f} | {row['std']:.4f} | {row['median']:+.4f} | "
+              f"{row['frac_negative']:.2f} | {row['min']:+.3f} | {row['max']:+.3f} |")
+    folder = os.path.dirname(path)
+    result = {"checkpoint": path, "model": what, "data": args.data, "samples": n, "blocks": rows,
+              "cosines": cos.tolist()}
+    with open(os.path.join(folder, "gradient_conflict.json"), "w") as f:
+        json.dump(result, f)
+    png = os.path.join(folder, "gradient_conflict.png")
+    box_plot(cos, png, f"{what}, {n} images")
+    print(f"\nwrote {os.path.join(folder, 'gradient_conflict.json')} and {png}")
+    return result
+
+
+def box_plot(values, path, title):
+    """A box plot per column of values (n, blocks), drawn with Pillow (torchvision's own dependency,
+    so no plotting package is needed): box = quartiles, line = median, whiskers = 5th to 95th
+    percentile, dot = mean; the dashed line is C = 0."""
+    from PIL import Image, ImageDraw
+    n_cols = values.shape[1]
+    W, H, left, right, top, bottom = max(420, 90 + 48 * n_cols), 380, 60, 20, 50, 40
+    lo = min(values.min().item(), 0.0)
+    hi = max(values.max().item(), 0.0)
+    lo, hi = lo - 0.05 * (hi - lo + 1e-6), hi + 0.05 * (hi - lo + 1e-6)
+    def y(v):
+        return top + (hi - v) / (hi - lo) * (H - top - bottom)
+    img = Image.new("RGB", (W, H), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((left, 6), "cos(grad L_MIM, grad L_CL) per sample; box: quartiles, whiskers: 5-95%, dot: mean", fill="black")
+    draw.text((left, 22), title, fill="black")
+    draw.line([(left, top), (left, H - bottom), (W - right, H - bottom)], fill="black")
+    for t in torch.linspace(lo, hi, 6).tolist():
+        draw.line([(left - 4, y(t)), (left, y(t))], fill="black")
+        draw.text((4, y(t) - 6), f"{t:+.2f}", fill="black")
+    for x0 in range(left, W - right, 8):  # C = 0
+        draw.line([(x0, y(0)), (x0 + 4, y(0))], fill="gray")
+    q = torch.quantile(values.float(), torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95]), dim=0)  # (5, n_cols)
+    for b in range(n_cols):
+        cx = left + 24 + 48 * b
+        p5, p25, p50, p75, p95 = q[:, b].tolist()
+        draw.line([(cx, y(p5)), (cx, y(p95))], fill="black")
+        draw.rectangle([cx - 14, y(p75), cx + 14, y(p25)], outline="black", fill=(160, 190, 230))
+        draw.line([(cx - 14, y(p50)), (cx + 14, y(p50))], fill="black", width=2)
+        m = values[:, b].mean().item()
+        draw.ellipse([cx - 3, y(m) - 3, cx + 3, y(m) + 3], fill=(200, 40, 40))
+        draw.text((cx - 4, H - bottom + 6), str(b + 1), fill="black")
+    draw.text((left + (W - left - right) // 2 - 40, H - 18), "block (input -> output)", fill="black")
+    img.save(path)
+
+
+# ---------------------------------------------------------------- main
+if __name__ == "__main__":
+    try:
+        args = parse_args()
+        analyze_gradients(args) if args.analyze_gradients else train(args)
+    except DataError as e:  # raised in a DataLoader worker, it carries the worker's traceback: keep the last line
+        sys.exit("error: " + str(e).strip().splitlines()[-1].removeprefix("DataError: "))
