@@ -1,28 +1,49 @@
 """
-evaluate.py: frozen-feature evaluation of any checkpoint that a method file here wrote.
+evaluate.py: every evaluation protocol the seeds name, for any checkpoint a method file here wrote
+(or published weights), with label efficiency first.
 
-    python evaluate.py --ckpt runs/<run>/checkpoint.pt --data cifar10            # kNN + linear probe
-    python evaluate.py --ckpt runs/<run>/checkpoint.pt --data cifar10 --random-init   # the baseline
-    python evaluate.py --ckpt runs/<run>/checkpoint.pt --data imagenet/ --pool mean --encoder target
+    python evaluate.py --ckpt runs/<run>/checkpoint.pt --data cifar10                  # kNN + linear probe
+    python evaluate.py --ckpt runs/<run>/checkpoint.pt --data cifar10 --random-init    # the baseline
+    python evaluate.py --ckpt runs/<run>/checkpoint.pt --data cifar10 --protocols all  # every protocol below
+    python evaluate.py --ckpt runs/a/checkpoint.pt runs/b/checkpoint.pt --with-random-init --protocols knn,fewshot
+    python evaluate.py --weights mae_pretrain_vit_base.pth --data imagenet/ --pool mean   # published weights
+    python evaluate.py --ckpt runs/<run>/checkpoint.pt --data fake --device cpu --protocols all --finetune-epochs 1   # seconds
 
 The encoder's shape comes from the checkpoint (its "encoder_config"); --encoder picks the weights
 where a method keeps two (online / target, REFERENCE §8; the default is the one the method's
-official code evaluates). Features are computed once, from centre crops without augmentation,
-for the train split and the val (or test) split of --data. Then:
+official code evaluates). Frozen features are computed once, from centre crops without
+augmentation, for the train split and the val (or test) split of --data, and shared by:
 
-  kNN     weighted k-NN on L2-normalised features (DINO / InstDisc, REFERENCE §8.2): the k = 20
-          nearest training features by cosine similarity s vote for their class with weight
-          exp(s / T), T = 0.07; k = 10 and 200 are reported too.
-  linear  a linear probe in the MAE style (REFERENCE §8.1): BatchNorm without affine parameters
-          (eps 1e-6), then Linear, trained with SGD on the frozen features.
+  knn       weighted k-NN on L2-normalised features (DINO / InstDisc, REFERENCE §8.2): the k = 20
+            nearest training features by cosine similarity s vote for their class with weight
+            exp(s / T), T = 0.07; k = 10 and 200 are reported too.
+  linear    a linear probe in the MAE style (REFERENCE §8.1): BatchNorm without affine parameters
+            (eps 1e-6), then Linear, trained with SGD on the frozen features.
+  fewshot   label efficiency, the MSN protocol (REFERENCE §8.3): 1, 2 and 5 labelled images per
+            class and 1% and 10% of the labels, three fixed random subsets each (saved as files
+            under --subsets-dir, so every checkpoint sees the same images); features centred and
+            L2-normalised; multinomial logistic regression with an L2 penalty and no intercept,
+            fitted full-batch with L-BFGS. Reported as mean and std over the three subsets.
+  kmeans    clustering: k-means (k = number of classes, k-means++ seeding, best of 3 restarts) on
+            the L2-normalised features of the val split; NMI and ARI against the labels.
+  tsne      a PNG scatter of a t-SNE embedding of 2,000 val features coloured by class; needs the
+            optional scikit-learn and matplotlib (skipped with a message when they are missing).
+  finetune  the MAE fine-tuning recipe (REFERENCE §8.4) on the images: mean pooling and a fresh
+            LayerNorm, AdamW, layer-wise lr decay (0.65 for base, 0.75 otherwise), drop-path,
+            mixup / cutmix, label smoothing, RandAugment, random erasing, warm-up and cosine; bf16
+            and torch.compile on CUDA; checkpoints every --save-minutes and --resume.
 
 --random-init evaluates an untrained encoder of the same shape: every self-supervised number must
-beat it. Results print as a table and are written as JSON next to the checkpoint.
+beat it. Results print as a Markdown table and are written as JSON (and, for several checkpoints or
+several protocols, a Markdown file) next to the checkpoint.
 
-Deviations from the official probes: the linear probe trains on cached centre-crop features (no
-random-resized-crop augmentation, SGD with momentum instead of LARS), so it runs in seconds; its
-numbers are a consistent yardstick for comparing checkpoints here, not a reproduction of the
-papers' 90-epoch augmented probes.
+Deviations from the official protocols: the linear probe trains on cached centre-crop features (no
+random-resized-crop augmentation, SGD with momentum instead of LARS), so it runs in seconds; the
+few-shot regression is our own torch L-BFGS, not cyanure, so its lambda has no numerical parity
+with MSN's; fine-tuning draws RandAugment from torchvision (fixed magnitude 9, no magnitude noise)
+and mixup / cutmix from our own 15 lines (timm's defaults: one of the two per batch, p = 0.5 each).
+These numbers are a consistent yardstick for comparing checkpoints here, not a reproduction of the
+papers' protocols at their scale.
 """
 # ---------------------------------------------------------------- imports
 import argparse
@@ -32,6 +53,8 @@ import inspect
 import json
 import math
 import os
+import random
+import signal
 import sys
 import time
 import types
@@ -44,24 +67,34 @@ import torch.nn.functional as F
 import torchvision
 import torchvision.transforms as T
 
-from vit import ViT
+from vit import SIZES, ViT
+
+PROTOCOLS = ("knn", "linear", "fewshot", "kmeans", "tsne", "finetune")
 
 
 # ---------------------------------------------------------------- config
 @dataclass
 class Args:
-    ckpt: str = ""
-    """checkpoint.pt written by mae.py, msn.py, ... (or its run folder)"""
+    ckpt: tuple[str, ...] = ()
+    """one or more checkpoint.pt files written by mae.py, msn.py, ... (or their run folders); several are evaluated side by side"""
+    weights: tuple[str, ...] = ()
+    """instead of --ckpt: encoder state dicts in timm or official format (MAE, MoCo v3, MSN, ...; prefixes such as module., encoder., base_encoder. are handled); the shape is read from the weights"""
+    heads: int = 0
+    """attention heads for --weights (not stored in a state dict); 0 = the standard for its width (192: 3, 384: 6, 768: 12, 1024: 16)"""
+    img_size: int = 224
+    """input size for --weights (the position table is resized if it was trained at another size)"""
     data: str = "cifar10"
     """'cifar10', 'fake', or a folder with train/ and val/ (or test/) folders of class folders"""
     encoder: str = "default"
     """which weights: 'online', 'target' (EMA / momentum / slow encoder), or 'default' (the method's official choice)"""
     pool: str = "cls"
-    """read-out: 'cls' token after the final norm, or 'mean' of the patch tokens (often better for MIM encoders)"""
+    """read-out of the frozen protocols: 'cls' token after the final norm, or 'mean' of the patch tokens (often better for MIM encoders)"""
     random_init: bool = False
     """evaluate a freshly initialised encoder of the checkpoint's shape instead of its weights: the baseline"""
+    with_random_init: bool = False
+    """also evaluate an untrained encoder of the first checkpoint's shape, as one more row of the table"""
     protocols: str = "knn,linear"
-    """comma-separated protocols to run: knn, linear"""
+    """comma-separated protocols: knn, linear, fewshot, kmeans, tsne, finetune, or 'all' (--protocol all works too)"""
     knn_k: int = 20
     """neighbours that vote in the kNN classifier (also reported: 10 and 200)"""
     knn_t: float = 0.07
@@ -72,20 +105,70 @@ class Args:
     """SGD lr of the linear probe at batch 256 (scaled linearly with --linear-batch-size), cosine-decayed"""
     linear_batch_size: int = 1024
     """mini-batch of the linear probe"""
+    fewshot_shots: str = "1,2,5"
+    """labelled images per class of the few-shot protocol (MSN: 1, 2, 5)"""
+    fewshot_fractions: str = "0.01,0.1"
+    """fractions of the labels, taken class by class (1% and 10%)"""
+    fewshot_subsets: int = 3
+    """random subsets per setting; the table shows mean and std over them"""
+    subsets_dir: str = "runs/subsets"
+    """where the few-shot subsets are saved (one file of training indices each) and reused, so every checkpoint is scored on the same images"""
+    logreg_lambda: float = 2.5e-4
+    """L2 penalty of the few-shot logistic regression, divided by the number of labelled images (MSN's cyanure setting: 2.5e-4 / n)"""
+    logreg_iters: int = 300
+    """L-BFGS iterations of the few-shot logistic regression"""
+    kmeans_restarts: int = 3
+    """k-means runs from different k-means++ seeds; the one with the lowest inertia is scored"""
+    tsne_points: int = 2000
+    """val images in the t-SNE picture"""
+    finetune_epochs: int = 100
+    """fine-tuning epochs (MAE: 100 for ViT-B)"""
+    finetune_blr: float = 5e-4
+    """fine-tuning base lr at batch 256; lr = blr x batch / 256 (MAE: 5e-4 at batch 1024 with the same rule)"""
+    finetune_batch_size: int = 256
+    """fine-tuning batch (MAE: 1024)"""
+    finetune_warmup_epochs: float = 5
+    """linear lr warm-up before the cosine decay (MAE: 5), at most half of the run"""
+    finetune_min_lr: float = 1e-6
+    """lr at the end of the cosine decay"""
+    finetune_weight_decay: float = 0.05
+    """AdamW weight decay, not on biases, norms, CLS and positions"""
+    layer_decay: float = 0.0
+    """layer-wise lr decay: block i of L learns at lr x decay^(L + 1 - i); 0 = 0.65 for a base-width ViT (768), 0.75 otherwise (MAE, REFERENCE §8.4)"""
+    drop_path: float = 0.1
+    """stochastic depth rate of the last block while fine-tuning, rising linearly from 0 (MAE: 0.1)"""
+    mixup: float = 0.8
+    """mixup alpha (0 turns it off)"""
+    cutmix: float = 1.0
+    """cutmix alpha (0 turns it off); with both on, each batch uses one of the two"""
+    label_smoothing: float = 0.1
+    """label smoothing of the fine-tuning targets"""
+    randaug_magnitude: int = 9
+    """RandAugment magnitude, 2 ops per image (MAE: rand-m9-mstd0.5); 0 turns it off"""
+    random_erasing: float = 0.25
+    """probability of random erasing after normalisation (MAE: 0.25)"""
+    compile: bool = True
+    """torch.compile the fine-tuned model (CUDA only)"""
+    resume: bool = False
+    """continue an interrupted fine-tuning from its finetune-*.pt next to the results"""
+    stop_after: int = 0
+    """end fine-tuning after this many steps, saving its checkpoint (the schedule still spans all epochs); continue with --resume"""
+    save_minutes: float = 10.0
+    """minutes between fine-tuning checkpoints; one is also written at the end and on Ctrl-C"""
     batch_size: int = 256
     """images per forward pass when computing features"""
     max_train_images: int = 0
     """use only this many training images (a fixed random subset; 0 = all), for quick checks"""
     seed: int = 0
-    """seeds the random-init encoder, the subset and the linear probe"""
+    """seeds the random-init encoder, the subsets, the probes, k-means and fine-tuning"""
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     """'cuda' or 'cpu'"""
     amp: bool = True
-    """bf16 autocast for feature extraction (CUDA only)"""
+    """bf16 autocast (CUDA only)"""
     num_workers: int = min(8, os.cpu_count() or 1)
     """data-loading processes"""
     out: str = ""
-    """where to write the JSON results (default: next to the checkpoint, eval-<encoder>-<pool>[-random].json)"""
+    """where to write the JSON results (default: next to the checkpoint, eval-<encoder>-<pool>[-random].json; for several checkpoints, runs/compare-<time>.json); a Markdown table goes next to it"""
 
 
 # ==== SHARED: argument parsing, identical in every method file and in evaluate.py ====
@@ -103,6 +186,8 @@ def parse_args(argv=None):
         help_text = f"{helps.get(f.name, '')} (default: {default_text})".replace("%", "%%")
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+        elif typing.get_origin(kind) is tuple:  # "tuple[str, ...]" -> one or more values
+            parser.add_argument(flag, nargs="+", type=typing.get_args(kind)[0], default=f.default, help=help_text)
         else:
             parser.add_argument(flag, type=kind, default=f.default, help=help_text)
     return Args(**vars(parser.parse_args(argv)))
@@ -277,7 +362,8 @@ def load_encoder(path, which="default", random_init=False, seed=0):
     except Exception as e:
         raise DataError(f"cannot load checkpoint {path}: {e}") from None
     if not isinstance(ckpt, dict) or "encoder" not in ckpt or "encoder_config" not in ckpt:
-        raise DataError(f"{path} has no 'encoder' and 'encoder_config': it was not written by a method file here")
+        raise DataError(f"{path} has no 'encoder' and 'encoder_config': it was not written by a method file here "
+                        "(for published weights use --weights)")
     which = ckpt.get("default_encoder", "online") if which == "default" else which
     key = {"online": "encoder", "target": "target_encoder"}.get(which)
     if key is None:
@@ -296,6 +382,68 @@ def load_encoder(path, which="default", random_init=False, seed=0):
     return encoder, info
 
 
+def load_weights_file(path, which="default", heads=0, img_size=224, random_init=False, seed=0):
+    """A published encoder: a timm state dict, or an official checkpoint (MAE {'model': ...}, MoCo v3
+    {'state_dict': 'module.base_encoder.*'}, MSN {'target_encoder': 'module.*'}, ...). The weights
+    are found under the usual keys, the prefix in front of 'cls_token' is stripped (picking the
+    momentum / target copy for --encoder target), heads such as 'head.*' or 'decoder*' are ignored,
+    and the shape is read from the tensors. Returns (encoder, info) like load_encoder()."""
+    if not os.path.isfile(path):
+        raise DataError(f"weights file {path!r} does not exist")
+    torch.serialization.add_safe_globals([argparse.Namespace])  # MAE's checkpoints store their args so
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DataError(f"cannot load weights {path}: {str(e).splitlines()[0]}") from None
+    which = "online" if which == "default" else which
+    nested = {"online": ("model", "state_dict", "encoder", "student", "online_encoder"),
+              "target": ("target_encoder", "momentum_encoder", "teacher", "model_ema", "state_dict", "model")}
+    if isinstance(state, dict) and not any(torch.is_tensor(v) for v in state.values()):
+        key = next((k for k in nested.get(which, ()) if isinstance(state.get(k), dict)), None)
+        if key is None:
+            raise DataError(f"{path}: no encoder weights under {nested.get(which)} (keys: {sorted(state)[:8]})")
+        state = state[key]
+    if not isinstance(state, dict):
+        raise DataError(f"{path} holds no state dict")
+    prefixes = [k[:-len("cls_token")] for k in state if k.endswith("cls_token")]
+    if not prefixes:
+        raise DataError(f"{path}: no 'cls_token' among its {len(state)} tensors; not a ViT encoder")
+    copies = [p for p in prefixes if any(s in p for s in ("momentum", "target", "teacher", "ema"))]
+    pick = (copies or prefixes) if which == "target" else ([p for p in prefixes if p not in copies] or prefixes)
+    prefix = min(pick, key=len)
+    state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    try:
+        dim, patch = state["cls_token"].shape[-1], state["patch_embed.proj.weight"].shape[-1]
+        depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+        mlp_ratio = state["blocks.0.mlp.fc1.weight"].shape[0] / dim
+        n_pos = state["pos_embed"].shape[1]
+    except (KeyError, ValueError) as e:
+        raise DataError(f"{path}: not a timm-style ViT state dict (missing {e})") from None
+    heads = heads or {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}.get(dim, 0)
+    if not heads:
+        raise DataError(f"{path}: width {dim} has no standard number of heads; pass --heads")
+    grid = math.isqrt(n_pos - 1)
+    if grid * grid != n_pos - 1:
+        raise DataError(f"{path}: pos_embed has {n_pos} rows, not 1 + a square grid (a table without a CLS slot?)")
+    config = dict(img_size=grid * patch, patch_size=patch, dim=dim, depth=depth, heads=heads, mlp_ratio=mlp_ratio,
+                  in_chans=state["patch_embed.proj.weight"].shape[1], pos_embed="learnable")
+    torch.manual_seed(seed)
+    encoder = ViT(**config)
+    if not random_init:
+        wanted = encoder.state_dict().keys()
+        missing = [k for k in wanted if k not in state]
+        if missing:
+            raise DataError(f"{path}: the encoder lacks {missing[:4]} (a model with fc_norm instead of norm?)")
+        try:
+            encoder.load_state_dict({k: state[k] for k in wanted})
+        except RuntimeError as e:
+            raise DataError(f"{path}: {str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}") from None
+    # the model runs at --img-size: embed() resizes the position table to the input's grid
+    info = {"checkpoint": path, "method": "weights", "step": None, "encoder": which, "random_init": random_init,
+            "encoder_config": dict(config, img_size=img_size)}
+    return encoder, info
+
+
 @torch.no_grad()
 def extract_features(encoder, dataset, pool, device, amp, batch_size, num_workers):
     """Frozen features (N, D) in fp32 on the CPU and labels (N,), in dataset order."""
@@ -310,7 +458,7 @@ def extract_features(encoder, dataset, pool, device, amp, batch_size, num_worker
     return torch.cat(feats), torch.cat(labels)
 
 
-# ---------------------------------------------------------------- protocols
+# ---------------------------------------------------------------- frozen-feature protocols
 @torch.no_grad()
 def knn_predict(train_f, train_y, test_f, k=20, T=0.07, num_classes=None, chunk=512):
     """Weighted kNN (Wu et al. 2018; DINO eval_knn): among the k training features most cosine-similar
@@ -361,41 +509,354 @@ def linear_probe(train_f, train_y, test_f, test_y, epochs=100, lr=0.1, batch_siz
     return 100.0 * (preds == test_y).float().mean().item()
 
 
+def class_subset(labels, per_class=0, fraction=0.0, seed=0):
+    """Sorted training indices: per_class images of every class, or round(fraction x n_c) (at least
+    one) of every class c, drawn with a generator seeded by `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    picks = []
+    for c in labels.unique().tolist():
+        members = (labels == c).nonzero().flatten()
+        n = per_class or max(1, round(fraction * len(members)))
+        if n > len(members):
+            raise DataError(f"class {c} has {len(members)} training images, fewer than the {n} asked for")
+        picks.append(members[torch.randperm(len(members), generator=g)[:n]])
+    return torch.cat(picks).sort().values
+
+
+def saved_subset(folder, name, labels, per_class=0, fraction=0.0, seed=0):
+    """The subset in folder/name.json, made (and saved) on first use, so that every checkpoint, in
+    this run or a later one, is scored on the same labelled images."""
+    path = os.path.join(folder, name + ".json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            saved = json.load(f)
+        if saved["n_train"] == len(labels) and saved["labels"] == labels[saved["indices"]].tolist():
+            return torch.tensor(saved["indices"])
+        raise DataError(f"{path} does not match this training set (delete it or pass another --subsets-dir)")
+    indices = class_subset(labels, per_class, fraction, seed)
+    os.makedirs(folder, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump({"n_train": len(labels), "seed": seed, "per_class": per_class, "fraction": fraction,
+                   "indices": indices.tolist(), "labels": labels[indices].tolist()}, f)
+    os.replace(path + ".tmp", path)
+    return indices
+
+
+def logistic_regression(x, y, num_classes, lam, iters=300):
+    """Multinomial logistic regression without intercept, min_W mean_i CE(x_i W, y_i) + lam/2 |W|^2,
+    fitted full-batch with L-BFGS (strong-Wolfe line search). Returns W (D, C)."""
+    W = torch.zeros(x.shape[1], num_classes, device=x.device, requires_grad=True)
+    optimizer = torch.optim.LBFGS([W], lr=1, max_iter=iters, history_size=20, line_search_fn="strong_wolfe",
+                                  tolerance_grad=1e-9, tolerance_change=1e-12)
+
+    def objective():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(x @ W, y) + lam / 2 * (W ** 2).sum()
+        loss.backward()
+        return loss
+    optimizer.step(objective)
+    return W.detach()
+
+
+def few_shot(train_f, train_y, test_f, test_y, per_class=0, fraction=0.0, subsets=3, lam=2.5e-4, iters=300,
+             folder="runs/subsets", device="cpu"):
+    """The MSN protocol on `subsets` fixed subsets: centre by the labelled features' mean, L2-normalise,
+    fit the regression with lambda = lam / n, score top-1 on the test features. Returns the accuracies (%)."""
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    tag = f"{per_class}shot" if per_class else f"{100 * fraction:g}pct"
+    accs = []
+    for s in range(subsets):
+        idx = saved_subset(folder, f"{tag}-{s}", train_y, per_class, fraction, seed=s)
+        x, y = train_f[idx].to(device), train_y[idx].to(device)
+        mean = x.mean(dim=0, keepdim=True)
+        W = logistic_regression(F.normalize(x - mean, dim=1), y, num_classes, lam / len(idx), iters)
+        preds = (F.normalize(test_f.to(device) - mean, dim=1) @ W).argmax(dim=1).cpu()
+        accs.append(100.0 * (preds == test_y).float().mean().item())
+    return accs
+
+
+def kmeans(x, k, iters=100, restarts=3, seed=0):
+    """Lloyd's k-means with k-means++ seeding; of `restarts` runs, the one with the lowest inertia
+    (sum of squared distances to the nearest centre). Returns the cluster of each row (N,)."""
+    g = torch.Generator().manual_seed(seed)
+    best, best_inertia = None, float("inf")
+    for _ in range(restarts):
+        centres = x[torch.randint(len(x), (1,), generator=g)]
+        d2 = torch.cdist(x, centres).squeeze(1) ** 2
+        for _ in range(k - 1):  # k-means++: the next centre with probability proportional to d^2
+            nxt = torch.multinomial(d2 / d2.sum(), 1, generator=g)
+            centres = torch.cat([centres, x[nxt]])
+            d2 = torch.minimum(d2, (torch.cdist(x, x[nxt]).squeeze(1)) ** 2)
+        assign = None
+        for _ in range(iters):
+            new = torch.cdist(x, centres).argmin(dim=1)
+            if assign is not None and torch.equal(new, assign):
+                break
+            assign = new
+            for c in range(k):  # an empty cluster keeps its centre
+                members = x[assign == c]
+                if len(members):
+                    centres[c] = members.mean(dim=0)
+        inertia = (torch.cdist(x, centres).min(dim=1).values ** 2).sum().item()
+        if inertia < best_inertia:
+            best, best_inertia = assign, inertia
+    return best
+
+
+def contingency(a, b):
+    """n_ij = the number of items in cluster i of a and class j of b."""
+    a, b = a.unique(return_inverse=True)[1], b.unique(return_inverse=True)[1]
+    table = torch.zeros(int(a.max()) + 1, int(b.max()) + 1, dtype=torch.float64)
+    table.index_put_((a, b), torch.ones(len(a), dtype=torch.float64), accumulate=True)
+    return table
+
+
+def nmi(a, b):
+    """Normalised mutual information, I(a; b) / ((H(a) + H(b)) / 2) (scikit-learn's default, arithmetic)."""
+    p = contingency(a, b) / len(a)
+    pa, pb = p.sum(1), p.sum(0)
+    nz = p > 0
+    mi = (p[nz] * (p[nz] / (pa[:, None] * pb[None, :])[nz]).log()).sum()
+    h = lambda q: -(q[q > 0] * q[q > 0].log()).sum()
+    denom = (h(pa) + h(pb)) / 2
+    return 1.0 if denom == 0 else (mi / denom).item()
+
+
+def ari(a, b):
+    """Adjusted Rand index (Hubert and Arabie): (sum_ij C(n_ij, 2) - E) / ((A + B) / 2 - E), with
+    A = sum_i C(a_i, 2), B = sum_j C(b_j, 2), E = A B / C(n, 2)."""
+    n = contingency(a, b)
+    pairs = lambda t: (t * (t - 1) / 2).sum()
+    index, A, B = pairs(n), pairs(n.sum(1)), pairs(n.sum(0))
+    expected = A * B / (len(a) * (len(a) - 1) / 2)
+    denom = (A + B) / 2 - expected
+    return 1.0 if denom == 0 else ((index - expected) / denom).item()
+
+
+def tsne_plot(feats, labels, path, title, points=2000, seed=0):
+    """A t-SNE scatter of `points` features coloured by class, if scikit-learn and matplotlib are
+    installed; otherwise returns a message saying what to install."""
+    try:
+        from sklearn.manifold import TSNE
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        return f"skipped: t-SNE needs scikit-learn and matplotlib ({e}); pip install scikit-learn matplotlib"
+    idx = torch.randperm(len(feats), generator=torch.Generator().manual_seed(seed))[:points]
+    xy = TSNE(n_components=2, init="pca", random_state=seed).fit_transform(F.normalize(feats[idx], dim=1).numpy())
+    fig, ax = plt.subplots(figsize=(6, 6))
+    ax.scatter(xy[:, 0], xy[:, 1], c=labels[idx].numpy(), cmap="tab10" if labels.max() < 10 else "tab20", s=3)
+    ax.set_title(title, fontsize=8)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------- fine-tuning
+class Classifier(nn.Module):
+    """The MAE fine-tuning model: the encoder's patch tokens (without its final norm), mean-pooled,
+    a fresh LayerNorm (fc_norm) and a Linear head initialised at std 2e-5."""
+
+    def __init__(self, encoder, num_classes):
+        super().__init__()
+        self.encoder, self.fc_norm = encoder, nn.LayerNorm(encoder.dim, eps=1e-6)
+        self.head = nn.Linear(encoder.dim, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=2e-5)
+        nn.init.zeros_(self.head.bias)
+        encoder.norm.requires_grad_(False)  # unused with mean pooling, as MAE's global_pool
+
+    def forward(self, imgs):
+        tokens = self.encoder(imgs, pool="all", norm=False)                # (B, 1 + N, D)
+        return self.head(self.fc_norm(tokens[:, 1:].mean(dim=1)))
+
+
+def layer_decay_groups(model, weight_decay, decay):
+    """MAE's util/lr_decay.py: layer 0 = patch embedding, CLS and positions, layer i = block i,
+    layer L + 1 = fc_norm and head; layer l learns at lr x decay^(L + 1 - l) (lr_scale). No weight
+    decay on 1-D parameters, CLS and positions."""
+    L = len(model.encoder.blocks)
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith("encoder.blocks."):
+            layer = int(name.split(".")[2]) + 1
+        elif name.startswith(("encoder.patch_embed", "encoder.cls_token", "encoder.pos_embed")):
+            layer = 0
+        else:
+            layer = L + 1
+        wd = 0.0 if p.ndim == 1 or name in ("encoder.cls_token", "encoder.pos_embed") else weight_decay
+        group = groups.setdefault((layer, wd), {"params": [], "lr_scale": decay ** (L + 1 - layer), "weight_decay": wd})
+        group["params"].append(p)
+    return list(groups.values())
+
+
+def mix_batch(x, y, num_classes, mixup=0.8, cutmix=1.0, smoothing=0.1):
+    """Soft targets for a batch: label-smoothed one-hot vectors, then (timm's defaults) mixup or
+    cutmix with probability 1/2 each when both are on: every image is paired with the batch flipped,
+    lam ~ Beta(alpha, alpha); cutmix pastes a box of area (1 - lam) and sets lam to the exact share
+    of pixels kept. Returns (mixed images, targets (B, C), lam)."""
+    targets = F.one_hot(y, num_classes).float() * (1 - smoothing) + smoothing / num_classes
+    if mixup <= 0 and cutmix <= 0:
+        return x, targets, 1.0
+    use_cutmix = cutmix > 0 and (mixup <= 0 or torch.rand(()).item() < 0.5)
+    alpha = cutmix if use_cutmix else mixup
+    lam = torch.distributions.Beta(alpha, alpha).sample().item()
+    if use_cutmix:
+        H, W = x.shape[-2:]
+        ch, cw = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))
+        cy, cx = torch.randint(H, ()).item(), torch.randint(W, ()).item()
+        y0, y1, x0, x1 = max(cy - ch // 2, 0), min(cy + ch // 2, H), max(cx - cw // 2, 0), min(cx + cw // 2, W)
+        x = x.clone()
+        x[:, :, y0:y1, x0:x1] = x.flip(0)[:, :, y0:y1, x0:x1]
+        lam = 1 - (y1 - y0) * (x1 - x0) / (H * W)
+    else:
+        x = lam * x + (1 - lam) * x.flip(0)
+    return x, lam * targets + (1 - lam) * targets.flip(0), lam
+
+
+def finetune(args, encoder, info, device, ckpt_path):
+    """Fine-tune a copy of the encoder with the MAE recipe and return val top-1 (%), or None when
+    --stop-after ends it early. Writes ckpt_path every --save-minutes, at the end and on Ctrl-C."""
+    import copy
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    img_size = info["encoder_config"]["img_size"]
+    base = build_dataset(args.data, "train", img_size)
+    if args.max_train_images and args.max_train_images < len(base):
+        keep = torch.randperm(len(base), generator=torch.Generator().manual_seed(args.seed))
+        base = torch.utils.data.Subset(base, keep[:args.max_train_images].tolist())
+    val = Augmented(build_dataset(args.data, "val", img_size), eval_transform(img_size))
+    augment = [T.RandomResizedCrop(img_size, interpolation=T.InterpolationMode.BICUBIC), T.RandomHorizontalFlip()]
+    if args.randaug_magnitude:
+        augment.append(T.RandAugment(num_ops=2, magnitude=args.randaug_magnitude))
+    augment += [T.ToTensor(), T.Normalize(MEAN, STD), T.RandomErasing(p=args.random_erasing, value="random")]
+    dataset = Augmented(base, T.Compose(augment))
+    num_classes = len(getattr(val.base, "classes", [])) or 10
+    encoder = copy.deepcopy(encoder)
+    rates = [args.drop_path * i / max(len(encoder.blocks) - 1, 1) for i in range(len(encoder.blocks))]
+    for block, rate in zip(encoder.blocks, rates):  # stochastic depth rising linearly to --drop-path
+        block.drop_path.p = rate
+    model = Classifier(encoder, num_classes).to(device)
+    decay = args.layer_decay or (0.65 if encoder.dim == 768 else 0.75)
+    lr = args.finetune_blr * args.finetune_batch_size / 256
+    optimizer = torch.optim.AdamW(layer_decay_groups(model, args.finetune_weight_decay, decay), lr=lr,
+                                  betas=(0.9, 0.999), fused=device.type == "cuda")
+    use_amp = args.amp and device.type == "cuda"
+    train_model = torch.compile(model) if args.compile and device.type == "cuda" else model
+    steps_per_epoch = len(dataset) // args.finetune_batch_size
+    if steps_per_epoch == 0:
+        raise DataError(f"{len(dataset)} training images, fewer than one fine-tuning batch of {args.finetune_batch_size}")
+    total = args.finetune_epochs * steps_per_epoch
+    warmup = min(round(args.finetune_warmup_epochs * steps_per_epoch), total // 2)  # short runs: at most half
+    sampler = EpochSampler(len(dataset), args.seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.finetune_batch_size, sampler=sampler, drop_last=True,
+                                         num_workers=args.num_workers, pin_memory=device.type == "cuda",
+                                         persistent_workers=args.num_workers > 0,
+                                         generator=torch.Generator().manual_seed(args.seed))
+    step = 0
+    if args.resume and os.path.isfile(ckpt_path):
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        random.setstate(state["rng"]["python"])
+        torch.set_rng_state(state["rng"]["torch"])
+        step = state["step"]
+        print(f"finetune | resumed from {ckpt_path} at step {step}")
+
+    def save():
+        tmp = ckpt_path + ".tmp"
+        torch.save({"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "rng": {"python": random.getstate(), "torch": torch.get_rng_state()},
+                    "args": dataclasses.asdict(args), "source": info["checkpoint"]}, tmp)
+        os.replace(tmp, ckpt_path)
+
+    print(f"finetune | {len(dataset)} images | {total} steps ({args.finetune_epochs} epochs, warm-up {warmup}) | "
+          f"lr {lr:.2e} (blr {args.finetune_blr:.1e} x {args.finetune_batch_size}/256) | layer decay {decay} | "
+          f"drop-path {args.drop_path} | mixup {args.mixup} cutmix {args.cutmix} | smoothing {args.label_smoothing}")
+    stop = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: stop.append(signum))
+    end = min(total, step + args.stop_after) if args.stop_after else total
+    t0, step0, last_save = time.perf_counter(), step, time.monotonic()
+    model.train()
+    while step < end and not stop:
+        epoch = step // steps_per_epoch
+        sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * args.finetune_batch_size)
+        for images, labels in loader:
+            now = lr * step / warmup if step < warmup else args.finetune_min_lr + (lr - args.finetune_min_lr) * 0.5 * (
+                1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+            for group in optimizer.param_groups:
+                group["lr"] = now * group["lr_scale"]
+            images, labels = images.to(device, non_blocking=True), torch.as_tensor(labels).to(device)
+            images, targets, _ = mix_batch(images, labels, num_classes, args.mixup, args.cutmix, args.label_smoothing)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                logits = train_model(images)
+            loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()  # soft-target CE
+            if not torch.isfinite(loss):
+                raise DataError(f"fine-tuning loss is {loss.item()} at step {step + 1}; try a lower --finetune-blr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            if step % 50 == 0 or step == end:
+                ips = (step - step0) * args.finetune_batch_size / (time.perf_counter() - t0)
+                eta = (total - step) * args.finetune_batch_size / max(ips, 1e-9)
+                print(f"finetune | step {step}/{total} | epoch {epoch} | loss {loss.item():.4f} | lr {now:.2e} | "
+                      f"{ips:.0f} img/s | ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}", flush=True)
+            if time.monotonic() - last_save > 60 * args.save_minutes or step == end or stop:
+                save()
+                last_save = time.monotonic()
+            if step == end or stop or step % steps_per_epoch == 0:
+                break
+    signal.signal(signal.SIGINT, previous)
+    if step < total:
+        print(f"finetune | stopped at step {step}/{total}; continue with --resume (checkpoint {ckpt_path})")
+        return None
+    val_loader = torch.utils.data.DataLoader(val, batch_size=args.batch_size, num_workers=args.num_workers)
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for images, labels in val_loader:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                correct += (model(images.to(device)).argmax(dim=1).cpu() == torch.as_tensor(labels)).sum().item()
+    return 100.0 * correct / len(val)
+
+
 # ---------------------------------------------------------------- main
-def evaluate(args):
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DataError("--device cuda was asked for but no GPU is visible; use --device cpu")
-    if not args.ckpt:
-        raise DataError("--ckpt is required: a checkpoint.pt written by one of the method files")
-    protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
-    unknown = set(protocols) - {"knn", "linear"}
-    if unknown:
-        raise DataError(f"unknown protocol(s) {sorted(unknown)}; choose from knn, linear")
-    if args.pool not in ("cls", "mean"):
-        raise DataError(f"--pool must be 'cls' or 'mean', not {args.pool!r}")
-    encoder, info = load_encoder(args.ckpt, args.encoder, args.random_init, args.seed)
+def evaluate_one(args, source, kind, protocols, random_init, device):
+    """Every protocol for one checkpoint or weights file; returns the results dict and writes its JSON."""
+    if kind == "ckpt":
+        encoder, info = load_encoder(source, args.encoder, random_init, args.seed)
+    else:
+        encoder, info = load_weights_file(source, args.encoder, args.heads, args.img_size, random_init, args.seed)
     encoder.to(device)
     img_size = info["encoder_config"]["img_size"]
-
-    # features of centre crops, no augmentation
-    t0 = time.perf_counter()
-    feats = {}
-    for split in ("train", "val"):
-        dataset = build_dataset(args.data, split, img_size)
-        if isinstance(dataset, ImageFiles) and not dataset.classes:
-            raise DataError(f"{dataset.root} has no class folders: evaluation needs labelled images")
-        dataset = Augmented(dataset, eval_transform(img_size))
-        if split == "train" and args.max_train_images and args.max_train_images < len(dataset):
-            keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))
-            dataset = torch.utils.data.Subset(dataset, keep[:args.max_train_images].tolist())
-        feats[split] = extract_features(encoder, dataset, args.pool, device, args.amp, args.batch_size, args.num_workers)
-    (train_f, train_y), (test_f, test_y) = feats["train"], feats["val"]
-    print(f"features: {len(train_f)} train, {len(test_f)} val, dim {train_f.shape[1]}, "
-          f"pool {args.pool}, {time.perf_counter() - t0:.0f} s")
-
-    results = dict(info, data=args.data, pool=args.pool, n_train=len(train_f), n_val=len(test_f))
-    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    folder, prefix = os.path.dirname(info["checkpoint"]), ""
+    if kind != "ckpt":  # next to the weights file, named after it
+        prefix = os.path.splitext(os.path.basename(info["checkpoint"]))[0] + "-"
+    stem = os.path.join(folder, f"{prefix}eval-{info['encoder']}-{args.pool}{'-random' if random_init else ''}")
+    results = dict(info, data=args.data, pool=args.pool)
+    frozen = [p for p in protocols if p != "finetune"]
+    if frozen:  # features of centre crops, no augmentation
+        t0 = time.perf_counter()
+        feats = {}
+        for split in ("train", "val"):
+            dataset = build_dataset(args.data, split, img_size)
+            if isinstance(dataset, ImageFiles) and not dataset.classes:
+                raise DataError(f"{dataset.root} has no class folders: evaluation needs labelled images")
+            dataset = Augmented(dataset, eval_transform(img_size))
+            if split == "train" and args.max_train_images and args.max_train_images < len(dataset):
+                keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))
+                dataset = torch.utils.data.Subset(dataset, keep[:args.max_train_images].tolist())
+            feats[split] = extract_features(encoder, dataset, args.pool, device, args.amp, args.batch_size, args.num_workers)
+        (train_f, train_y), (test_f, test_y) = feats["train"], feats["val"]
+        print(f"features: {len(train_f)} train, {len(test_f)} val, dim {train_f.shape[1]}, "
+              f"pool {args.pool}, {time.perf_counter() - t0:.0f} s")
+        results.update(n_train=len(train_f), n_val=len(test_f))
+        num_classes = int(max(train_y.max(), test_y.max())) + 1
     if "knn" in protocols:
         for k in sorted({args.knn_k, 10, 200}):
             preds = knn_predict(train_f, train_y, test_f, k, args.knn_t, num_classes)
@@ -404,19 +865,89 @@ def evaluate(args):
     if "linear" in protocols:
         results["linear_top1"] = linear_probe(train_f, train_y, test_f, test_y, args.linear_epochs, args.linear_lr,
                                               args.linear_batch_size, args.seed, device)
-
-    weights = "random init" if args.random_init else f"{info['encoder']} encoder, step {info['step']}"
-    print(f"\n| checkpoint | method | weights | pool | kNN top-1 (k={args.knn_k}) | linear top-1 |")
-    print("|---|---|---|---|---|---|")
-    knn_text = f"{results['knn_top1']:.2f}" if "knn_top1" in results else "-"
-    lin_text = f"{results['linear_top1']:.2f}" if "linear_top1" in results else "-"
-    print(f"| {info['checkpoint']} | {info['method']} | {weights} | {args.pool} | {knn_text} | {lin_text} |")
-    out = args.out or os.path.join(os.path.dirname(info["checkpoint"]),
-                                   f"eval-{info['encoder']}-{args.pool}{'-random' if args.random_init else ''}.json")
-    with open(out, "w") as f:
+    if "fewshot" in protocols:
+        folder = os.path.join(args.subsets_dir, f"{os.path.basename(os.path.normpath(args.data))}-{len(train_y)}")
+        settings = [(int(s), 0.0) for s in args.fewshot_shots.split(",") if s.strip()]
+        settings += [(0, float(f)) for f in args.fewshot_fractions.split(",") if f.strip()]
+        for per_class, fraction in settings:
+            tag = f"{per_class}shot" if per_class else f"{100 * fraction:g}pct"
+            accs = few_shot(train_f, train_y, test_f, test_y, per_class, fraction, args.fewshot_subsets,
+                            args.logreg_lambda, args.logreg_iters, folder, device)
+            acc = torch.tensor(accs)
+            results[f"fewshot_{tag}"] = {"mean": acc.mean().item(), "std": acc.std().item() if len(accs) > 1 else 0.0,
+                                         "runs": accs}
+            print(f"few-shot {tag}: {acc.mean():.2f} +- {results[f'fewshot_{tag}']['std']:.2f} over {len(accs)} subsets")
+    if "kmeans" in protocols:
+        clusters = kmeans(F.normalize(test_f, dim=1), num_classes, restarts=args.kmeans_restarts, seed=args.seed)
+        results["kmeans_nmi"], results["kmeans_ari"] = nmi(clusters, test_y), ari(clusters, test_y)
+    if "tsne" in protocols:
+        results["tsne"] = tsne_plot(test_f, test_y, stem + "-tsne.png", f"{info['method']} {info['checkpoint']}",
+                                    args.tsne_points, args.seed)
+        print(f"t-SNE: {results['tsne']}")
+    if "finetune" in protocols:
+        results["finetune_top1"] = finetune(args, encoder, info, device, stem + "-finetune.pt")
+    path = args.out if args.out and len(args.ckpt) + len(args.weights) == 1 and not args.with_random_init else stem + ".json"
+    with open(path, "w") as f:
         json.dump(results, f, indent=1)
-    print(f"\nwrote {out}")
+    results["json"] = path
     return results
+
+
+def markdown_table(rows):
+    """One row per evaluated encoder, one column per result that any of them has."""
+    def fmt(key, v):
+        if isinstance(v, dict):
+            return f"{v['mean']:.1f} ± {v['std']:.1f}"
+        return "-" if v is None else f"{v:.3f}" if key.startswith("kmeans") else f"{v:.2f}"
+    columns = [("knn_top1", "kNN top-1"), ("linear_top1", "linear top-1")]
+    shots = sorted({k for r in rows for k in r if k.startswith("fewshot_")}, key=lambda k: ("pct" in k, float(k.split("_")[1].rstrip("shotpc"))))
+    columns += [(k, k.split("_")[1].replace("shot", "-shot").replace("pct", "%")) for k in shots]
+    columns += [("kmeans_nmi", "k-means NMI"), ("kmeans_ari", "ARI"), ("finetune_top1", "fine-tune")]
+    columns = [(k, name) for k, name in columns if any(k in r for r in rows)]
+    lines = ["| encoder | method | weights | pool | " + " | ".join(name for _, name in columns) + " |",
+             "|---" * (4 + len(columns)) + "|"]
+    for r in rows:
+        weights = "random init" if r["random_init"] else f"{r['encoder']}, step {r['step']}"
+        cells = [fmt(k, r[k]) if k in r else "-" for k, _ in columns]
+        lines.append(f"| {r['checkpoint']} | {r['method']} | {weights} | {r['pool']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def evaluate(args):
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DataError("--device cuda was asked for but no GPU is visible; use --device cpu")
+    if isinstance(args.ckpt, str):  # Args(ckpt="a.pt") from Python
+        args = dataclasses.replace(args, ckpt=(args.ckpt,) if args.ckpt else ())
+    if isinstance(args.weights, str):
+        args = dataclasses.replace(args, weights=(args.weights,) if args.weights else ())
+    if not args.ckpt and not args.weights:
+        raise DataError("--ckpt is required: a checkpoint.pt written by one of the method files (or --weights FILE)")
+    protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
+    protocols = list(PROTOCOLS) if protocols == ["all"] else protocols
+    unknown = set(protocols) - set(PROTOCOLS)
+    if unknown:
+        raise DataError(f"unknown protocol(s) {sorted(unknown)}; choose from {', '.join(PROTOCOLS)} or all")
+    if args.pool not in ("cls", "mean"):
+        raise DataError(f"--pool must be 'cls' or 'mean', not {args.pool!r}")
+    sources = [(c, "ckpt", args.random_init) for c in args.ckpt] + [(w, "weights", args.random_init) for w in args.weights]
+    if args.with_random_init:
+        sources.append((*sources[0][:2], True))
+    rows = [evaluate_one(args, source, kind, protocols, random_init, device) for source, kind, random_init in sources]
+    table = markdown_table(rows)
+    print("\n" + table)
+    if len(rows) > 1 or len(protocols) > 2:  # a comparison: one JSON and one Markdown file for all rows
+        out = args.out or (rows[0]["json"] if len(rows) == 1 else
+                           os.path.join("runs", f"compare-{time.strftime('%Y%m%d-%H%M%S')}.json"))
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(rows if len(rows) > 1 else rows[0], f, indent=1)
+        with open(os.path.splitext(out)[0] + ".md", "w") as f:
+            f.write(table + "\n")
+        print(f"\nwrote {out} and {os.path.splitext(out)[0]}.md")
+    else:
+        print(f"\nwrote {rows[0]['json']}")
+    return rows[0] if len(rows) == 1 else rows
 
 
 if __name__ == "__main__":

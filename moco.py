@@ -159,6 +159,8 @@ def parse_args(argv=None):
         help_text = f"{helps.get(f.name, '')} (default: {default_text})".replace("%", "%%")
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+        elif typing.get_origin(kind) is tuple:  # "tuple[str, ...]" -> one or more values
+            parser.add_argument(flag, nargs="+", type=typing.get_args(kind)[0], default=f.default, help=help_text)
         else:
             parser.add_argument(flag, type=kind, default=f.default, help=help_text)
     return Args(**vars(parser.parse_args(argv)))
