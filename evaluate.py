@@ -593,10 +593,9 @@ def kmeans(x, k, iters=100, restarts=3, seed=0):
             if assign is not None and torch.equal(new, assign):
                 break
             assign = new
-            for c in range(k):  # an empty cluster keeps its centre
-                members = x[assign == c]
-                if len(members):
-                    centres[c] = members.mean(dim=0)
+            sums = torch.zeros_like(centres).index_add_(0, assign, x)
+            counts = torch.bincount(assign, minlength=k).unsqueeze(1)
+            centres = torch.where(counts > 0, sums / counts.clamp(min=1), centres)  # an empty cluster keeps its centre
         inertia = (torch.cdist(x, centres).min(dim=1).values ** 2).sum().item()
         if inertia < best_inertia:
             best, best_inertia = assign, inertia

@@ -204,3 +204,18 @@ def test_bad_mae_checkpoints_give_one_line_errors(tmp_path, cli, mae_run):
     assert len(proc.stderr.strip().splitlines()) == 1 and "drop the flag" in proc.stderr
     proc = cli(*base, "--mae-ckpt", str(tmp_path / "missing.pt"), expect_ok=False)
     assert proc.stderr.strip() == f"error: MAE checkpoint {str(tmp_path / 'missing.pt')!r} does not exist"
+
+
+def test_docstring_smoke_chain_runs_as_written(tmp_path, cli):
+    """The two smoke commands of the header docstring (mae.py, then grafting.py on its checkpoint),
+    run as printed from an empty folder."""
+    import shlex
+    lines = [l for l in grafting.__doc__.splitlines() if "--data fake" in l]
+    assert len(lines) == 2 and "mae.py" in lines[0] and "grafting.py" in lines[1]
+    for line in lines:
+        argv = shlex.split(line.split("#")[0].strip())[1:]
+        cli(os.path.join(os.path.dirname(grafting.__file__), argv[0]), *argv[1:], "--num-workers", "0", cwd=str(tmp_path))
+    state = torch.load(tmp_path / "runs" / "mae-smoke" / "checkpoint.pt", weights_only=True)
+    assert state["method"] == "mae"
+    runs = [d for d in os.listdir(tmp_path / "runs") if d.startswith("grafting-")]
+    assert len(runs) == 1 and torch.load(tmp_path / "runs" / runs[0] / "checkpoint.pt", weights_only=True)["step"] == 10
