@@ -218,3 +218,16 @@ def test_cli_protocol_all_side_by_side(tmp_path, cli):
     assert all(len(r["fewshot_1shot"]["runs"]) == 3 and 0 <= r["kmeans_nmi"] <= 1 for r in rows)
     assert len(os.listdir(tmp_path / "subsets" / "fake-256")) == 15  # 5 settings x 3 subsets, shared by all rows
     assert rows[0]["tsne"].startswith(("skipped", str(tmp_path)))
+
+
+def test_tsne_writes_a_png_when_its_packages_are_there(tmp_path):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(60) % 3
+    feats = torch.eye(3)[labels] * 5 + torch.randn(60, 3, generator=g)
+    out = evaluate.tsne_plot(feats, labels, str(tmp_path / "t.png"), "toy", points=60)
+    assert out == str(tmp_path / "t.png")
+    from PIL import Image
+    with Image.open(out) as im:
+        assert im.format == "PNG"
