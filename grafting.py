@@ -1095,7 +1095,7 @@ def box_plot(values, path, title):
     percentile, dot = mean; the dashed line is C = 0."""
     from PIL import Image, ImageDraw
     n_cols = values.shape[1]
-    W, H, left, right, top, bottom = max(420, 90 + 48 * n_cols), 380, 60, 20, 50, 40
+    W, H, left, right, top, bottom = max(520, 90 + 48 * n_cols), 380, 60, 20, 50, 40
     lo = min(values.min().item(), 0.0)
     hi = max(values.max().item(), 0.0)
     lo, hi = lo - 0.05 * (hi - lo + 1e-6), hi + 0.05 * (hi - lo + 1e-6)
