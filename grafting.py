@@ -584,18 +584,23 @@ class Grafting(nn.Module):
         return loss_mim + loss_cl, {"cl": loss_cl.detach(), "mim": loss_mim.detach()}
 
 
+def read_checkpoint(path, what="checkpoint"):
+    """(the checkpoint dict, its path) for a checkpoint.pt or its run folder, with one-line errors."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "checkpoint.pt")
+    if not os.path.isfile(path):
+        raise DataError(f"{what} {path!r} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True), path
+    except Exception as e:
+        raise DataError(f"cannot load {what} {path}: {e}") from None
+
+
 def load_mae_checkpoint(path):
     """Step 1's result: a checkpoint written by mae.py, with a clear error for anything else."""
     if not path:
         raise DataError("--mode graft needs --mae-ckpt: a checkpoint.pt written by mae.py (step 1)")
-    if os.path.isdir(path):
-        path = os.path.join(path, "checkpoint.pt")
-    if not os.path.isfile(path):
-        raise DataError(f"MAE checkpoint {path!r} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise DataError(f"cannot load MAE checkpoint {path}: {e}") from None
+    ckpt, path = read_checkpoint(path, "MAE checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("method") != "mae":
         found = ckpt.get("method") if isinstance(ckpt, dict) else None
         raise DataError(f"--mae-ckpt {path} is not a mae.py checkpoint (method: {found!r})")
@@ -1021,14 +1026,7 @@ def sample_gradient_conflict(model, x_mim, x1, x2, k1, k2, i):
 def load_for_analysis(path, args):
     """A grafting.py checkpoint (any mode) as trained, or a mae.py checkpoint as grafting's starting
     point (its encoder and decoder, fresh MoCo v3 heads). Returns (model, its Args, description)."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "checkpoint.pt")
-    if not os.path.isfile(path):
-        raise DataError(f"checkpoint {path!r} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise DataError(f"cannot load checkpoint {path}: {e}") from None
+    ckpt, path = read_checkpoint(path)
     method = ckpt.get("method") if isinstance(ckpt, dict) else None
     if method == METHOD:
         run_args = Args(**ckpt["args"])
