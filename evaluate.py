@@ -654,6 +654,15 @@ def tsne_plot(feats, labels, path, title, points=2000, seed=0):
     return path
 
 
+def train_subset(dataset, args):
+    """The fixed random subset of --max-train-images training images (seed --seed), or all of them;
+    the same images for the frozen features and for fine-tuning."""
+    if not args.max_train_images or args.max_train_images >= len(dataset):
+        return dataset
+    keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))
+    return torch.utils.data.Subset(dataset, keep[:args.max_train_images].tolist())
+
+
 # ---------------------------------------------------------------- fine-tuning
 class Classifier(nn.Module):
     """The MAE fine-tuning model: the encoder's patch tokens (without its final norm), mean-pooled,
@@ -725,9 +734,7 @@ def finetune(args, encoder, info, device, ckpt_path):
     random.seed(args.seed)
     img_size = info["encoder_config"]["img_size"]
     base = build_dataset(args.data, "train", img_size)
-    if args.max_train_images and args.max_train_images < len(base):
-        keep = torch.randperm(len(base), generator=torch.Generator().manual_seed(args.seed))
-        base = torch.utils.data.Subset(base, keep[:args.max_train_images].tolist())
+    base = train_subset(base, args)
     val = Augmented(build_dataset(args.data, "val", img_size), eval_transform(img_size))
     augment = [T.RandomResizedCrop(img_size, interpolation=T.InterpolationMode.BICUBIC), T.RandomHorizontalFlip()]
     if args.randaug_magnitude:
@@ -847,9 +854,8 @@ def evaluate_one(args, source, kind, protocols, random_init, device):
             if isinstance(dataset, ImageFiles) and not dataset.classes:
                 raise DataError(f"{dataset.root} has no class folders: evaluation needs labelled images")
             dataset = Augmented(dataset, eval_transform(img_size))
-            if split == "train" and args.max_train_images and args.max_train_images < len(dataset):
-                keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))
-                dataset = torch.utils.data.Subset(dataset, keep[:args.max_train_images].tolist())
+            if split == "train":
+                dataset = train_subset(dataset, args)
             feats[split] = extract_features(encoder, dataset, args.pool, device, args.amp, args.batch_size, args.num_workers)
         (train_f, train_y), (test_f, test_y) = feats["train"], feats["val"]
         print(f"features: {len(train_f)} train, {len(test_f)} val, dim {train_f.shape[1]}, "

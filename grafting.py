@@ -905,9 +905,8 @@ def train(args):
         optimizer.step()
         return loss.detach(), {**parts, "m": torch.tensor(m)}
 
-    frozen = "embeddings + blocks 1-{} frozen".format(n_lower) if args.freeze_lower and args.mode == "graft" else \
-        f"embeddings + blocks 1-{n_lower} at lr x {lower_lr_ratio:g}"
-    print(f"{METHOD} | mode {args.mode} | {'from ' + args.mae_ckpt if args.mae_ckpt else 'from scratch'} | {frozen}")
+    frozen = "frozen" if args.freeze_lower and args.mode == "graft" else f"at lr x {lower_lr_ratio:g}"
+    print(f"{METHOD} | mode {args.mode} | {'from ' + args.mae_ckpt if args.mae_ckpt else 'from scratch'} | embeddings + blocks 1-{n_lower} {frozen}")
     print(f"{METHOD} | recipe {recipe} | ViT-{args.model_dims or args.model}/{args.patch_size} at {args.img_size} px "
           f"({sum(p.numel() for p in encoder.parameters()) / 1e6:.1f} M encoder, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M total) | batch {args.batch_size} | "
