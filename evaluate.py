@@ -147,8 +147,8 @@ class Args:
     """RandAugment magnitude, 2 ops per image (MAE: rand-m9-mstd0.5); 0 turns it off"""
     random_erasing: float = 0.25
     """probability of random erasing after normalisation (MAE: 0.25)"""
-    compile: bool = True
-    """torch.compile the fine-tuned model (CUDA only)"""
+    compile: bool | None = None
+    """torch.compile the fine-tuned model (auto: on with CUDA, off on CPU)"""
     resume: bool = False
     """continue an interrupted fine-tuning from its finetune-*.pt next to the results"""
     stop_after: int = 0
@@ -163,8 +163,8 @@ class Args:
     """seeds the random-init encoder, the subsets, the probes, k-means and fine-tuning"""
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     """'cuda' or 'cpu'"""
-    amp: bool = True
-    """bf16 autocast (CUDA only)"""
+    amp: bool | None = None
+    """bf16 autocast (auto: on with CUDA, off on CPU)"""
     num_workers: int = min(8, os.cpu_count() or 1)
     """data-loading processes"""
     out: str = ""
@@ -182,7 +182,7 @@ def parse_args(argv=None):
         flag, kind = "--" + f.name.replace("_", "-"), f.type
         if typing.get_origin(kind) in (typing.Union, types.UnionType):  # "int | None" -> int
             kind = next(t for t in typing.get_args(kind) if t is not type(None))
-        default_text = "from the recipe" if f.default is None else f.default
+        default_text = f.default if f.default is not None else "auto" if kind is bool else "from the recipe"
         help_text = f"{helps.get(f.name, '')} (default: {default_text})".replace("%", "%%")
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
@@ -452,7 +452,7 @@ def extract_features(encoder, dataset, pool, device, amp, batch_size, num_worker
     encoder.eval()
     feats, labels = [], []
     for images, y in loader:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             feats.append(encoder(images.to(device, non_blocking=True), pool=pool).float().cpu())
         labels.append(torch.as_tensor(y))
     return torch.cat(feats), torch.cat(labels)
@@ -751,8 +751,7 @@ def finetune(args, encoder, info, device, ckpt_path):
     lr = args.finetune_blr * args.finetune_batch_size / 256
     optimizer = torch.optim.AdamW(layer_decay_groups(model, args.finetune_weight_decay, decay), lr=lr,
                                   betas=(0.9, 0.999), fused=device.type == "cuda")
-    use_amp = args.amp and device.type == "cuda"
-    train_model = torch.compile(model) if args.compile and device.type == "cuda" else model
+    train_model = torch.compile(model) if args.compile else model
     steps_per_epoch = len(dataset) // args.finetune_batch_size
     if steps_per_epoch == 0:
         raise DataError(f"{len(dataset)} training images, fewer than one fine-tuning batch of {args.finetune_batch_size}")
@@ -798,7 +797,7 @@ def finetune(args, encoder, info, device, ckpt_path):
                 group["lr"] = now * group["lr_scale"]
             images, labels = images.to(device, non_blocking=True), torch.as_tensor(labels).to(device)
             images, targets, _ = mix_batch(images, labels, num_classes, args.mixup, args.cutmix, args.label_smoothing)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
                 logits = train_model(images)
             loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()  # soft-target CE
             if not torch.isfinite(loss):
@@ -826,7 +825,7 @@ def finetune(args, encoder, info, device, ckpt_path):
     correct = 0
     with torch.no_grad():
         for images, labels in val_loader:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
                 correct += (model(images.to(device)).argmax(dim=1).cpu() == torch.as_tensor(labels)).sum().item()
     return 100.0 * correct / len(val)
 
@@ -922,6 +921,9 @@ def evaluate(args):
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DataError("--device cuda was asked for but no GPU is visible; use --device cpu")
+    auto = device.type == "cuda"  # bf16 autocast and torch.compile: on with CUDA, off on CPU unless asked for
+    args = dataclasses.replace(args, amp=auto if args.amp is None else args.amp,
+                               compile=auto if args.compile is None else args.compile)
     if isinstance(args.ckpt, str):  # Args(ckpt="a.pt") from Python
         args = dataclasses.replace(args, ckpt=(args.ckpt,) if args.ckpt else ())
     if isinstance(args.weights, str):

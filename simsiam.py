@@ -98,10 +98,10 @@ class Args:
     """seeds every random draw: data order, augmentations, masks, initialisation"""
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     """'cuda' or 'cpu'"""
-    compile: bool = True
-    """torch.compile the model (CUDA only; the first steps are slow while it compiles)"""
-    amp: bool = True
-    """bf16 autocast (CUDA only); no grad scaler is needed with bf16"""
+    compile: bool | None = None
+    """torch.compile the model (auto: on with CUDA, off on CPU; the first steps are slow while it compiles)"""
+    amp: bool | None = None
+    """bf16 autocast (auto: on with CUDA, off on CPU); no grad scaler is needed with bf16"""
     num_workers: int = min(8, os.cpu_count() or 1)
     """data-loading processes; 0 loads in the main process"""
     out_dir: str = "runs"
@@ -158,7 +158,7 @@ def parse_args(argv=None):
         flag, kind = "--" + f.name.replace("_", "-"), f.type
         if typing.get_origin(kind) in (typing.Union, types.UnionType):  # "int | None" -> int
             kind = next(t for t in typing.get_args(kind) if t is not type(None))
-        default_text = "from the recipe" if f.default is None else f.default
+        default_text = f.default if f.default is not None else "auto" if kind is bool else "from the recipe"
         help_text = f"{helps.get(f.name, '')} (default: {default_text})".replace("%", "%%")
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
@@ -587,14 +587,14 @@ def run_benchmark(args, device, step_fn):
     with FlopCounterMode(display=False) as counter:  # one eager step of the same model
         step_fn(eager=True)
     flops = counter.get_total_flops()
-    amp = args.amp and device.type == "cuda"
+    amp = args.amp
     peak = args.peak_tflops or measure_peak_tflops(device, torch.bfloat16 if amp else torch.float32)
     achieved = flops / seconds / 1e12
     mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     result = {"method": METHOD, "device": name, "torch": torch.__version__, "model": args.model_dims or args.model,
               "img_size": args.img_size, "patch_size": args.patch_size, "batch_size": args.batch_size,
-              "amp_bf16": amp, "compile": args.compile and device.type == "cuda",
+              "amp_bf16": amp, "compile": args.compile,
               "img_per_s": args.batch_size / seconds, "ms_per_step": 1000 * seconds,
               "gflop_per_img": flops / args.batch_size / 1e9, "tflops": achieved, "peak_tflops": peak,
               "mfu": achieved / peak, "peak_mem_gib": mem}
@@ -627,8 +627,9 @@ def train(args):
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DataError("--device cuda was asked for but no GPU is visible; use --device cpu")
-    use_amp, use_compile = args.amp and device.type == "cuda", args.compile and device.type == "cuda"
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp)
+    auto = device.type == "cuda"  # bf16 autocast and torch.compile: on with CUDA, off on CPU unless asked for
+    args.amp, args.compile = auto if args.amp is None else args.amp, auto if args.compile is None else args.compile
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     # ==== end SHARED ====
 
@@ -643,7 +644,7 @@ def train(args):
         optimizer = torch.optim.AdamW(groups, lr=lr, fused=device.type == "cuda")
     else:
         raise DataError(f"--optimizer must be 'adamw' or 'sgd', not {args.optimizer!r}")
-    train_model = torch.compile(model) if use_compile else model  # checkpoints save `model`, never `train_model`
+    train_model = torch.compile(model) if args.compile else model  # checkpoints save `model`, never `train_model`
 
     def train_step(views, lr_now, progress, eager=False):
         """One optimizer step on a batch already on the device, at lr_now and at `progress` (0 to 1)
@@ -661,7 +662,7 @@ def train(args):
           f"({sum(p.numel() for p in encoder.parameters()) / 1e6:.1f} M encoder, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M total) | batch {args.batch_size} | "
           f"lr {lr:.2e} (blr {args.blr:.2e} x {args.batch_size}/256) | wd {args.weight_decay} | "
-          f"{device} bf16={use_amp} compile={use_compile}")
+          f"{device} bf16={args.amp} compile={args.compile}")
     if args.benchmark:
         views = [torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device) for _ in range(2)]
         return run_benchmark(args, device, lambda eager=False: train_step(views, lr, 0.0, eager))
