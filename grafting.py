@@ -168,8 +168,8 @@ class Args:
     """MAE decoder attention heads (taken from the MAE checkpoint when there is one)"""
     analyze_gradients: str = ""
     """instead of training: a grafting.py or mae.py checkpoint whose per-sample, per-block cosine between the MIM and CL gradients is measured on --data; prints a table, writes JSON and a PNG next to it"""
-    analyze_samples: int = 128
-    """images for --analyze-gradients (one forward and backward per image and loss)"""
+    analyze_samples: int = 512
+    """images for --analyze-gradients, rounded down to whole batches of the run's --batch-size (each image's contrastive loss uses its batch's keys, as in training); one forward and backward per image and loss"""
 
 # Hyper-parameter presets. A field left at None above is filled from the recipe. With --mae-ckpt the
 # encoder and decoder shapes come from the MAE checkpoint instead.
@@ -1013,8 +1013,8 @@ def block_cosines(loss_a, loss_b, blocks):
 def sample_gradient_conflict(model, x_mim, x1, x2, k1, k2, i):
     """C_MIM,CL(x_i) for every encoder block. L_MIM(x_i): MAE's loss of sample i alone, with its own
     random mask. L_CL(x_i): sample i's two query terms of MoCo v3's loss, ctr(q1_i, k2) + ctr(q2_i, k1),
-    against the keys of the whole batch (constants). The keys are reordered so that i's own key
-    comes first, which is where contrastive_loss() looks for the positive of a single query."""
+    against the keys of i's batch (constants). The keys are reordered so that i's own key comes
+    first, which is where contrastive_loss() looks for the positive of a single query."""
     def own_first(k):
         return torch.cat([k[i:i + 1], k[:i], k[i + 1:]])
     loss_mim = model.masked_modeling(x_mim[i:i + 1])
@@ -1057,14 +1057,23 @@ def analyze_gradients(args):
     n = min(args.analyze_samples, len(dataset))
     if n < 2:
         raise DataError(f"--analyze-samples must be at least 2 (the CL loss needs other images' keys), got {n}")
+    # each sample's CL loss sees the keys of its own batch of the run's --batch-size, as in training,
+    # so the measurement does not change with --analyze-samples (which is rounded down to whole batches)
+    batch = min(run_args.batch_size, n)
+    n = n // batch * batch
     picks = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))[:n].tolist()
     views = Augmented(dataset, train_transform(view_args))
     x1, x2, x_mim = (torch.stack(v).to(device) for v in zip(*[views[(j, args.seed + j)][0] for j in picks]))
-    k1, k2 = model.keys(x1, x2)  # the whole batch's keys, constants for every sample's CL loss
     torch.manual_seed(args.seed)  # the masks
-    print(f"gradient conflict | {what} | {n} images of {args.data} | {len(model.encoder.blocks)} blocks")
+    print(f"gradient conflict | {what} | {n} images of {args.data} in batches of {batch} | "
+          f"{len(model.encoder.blocks)} blocks")
     t0 = time.perf_counter()
-    cos = torch.stack([sample_gradient_conflict(model, x_mim, x1, x2, k1, k2, i).cpu() for i in range(n)])  # (n, depth)
+    cos = []
+    for b in range(0, n, batch):
+        x1_b, x2_b, x_mim_b = x1[b:b + batch], x2[b:b + batch], x_mim[b:b + batch]
+        k1, k2 = model.keys(x1_b, x2_b)  # constants for every sample's CL loss in this batch
+        cos += [sample_gradient_conflict(model, x_mim_b, x1_b, x2_b, k1, k2, i).cpu() for i in range(batch)]
+    cos = torch.stack(cos)  # (n, depth)
     print(f"{n} samples in {time.perf_counter() - t0:.0f} s\n")
     print("| block | mean C | std | median | fraction C < 0 | min | max |")
     print("|---|---|---|---|---|---|---|")
@@ -1077,7 +1086,7 @@ def analyze_gradients(args):
         print(f"| {b + 1} | {row['mean']:+.4f} | {row['std']:.4f} | {row['median']:+.4f} | "
               f"{row['frac_negative']:.2f} | {row['min']:+.3f} | {row['max']:+.3f} |")
     folder = os.path.dirname(path)
-    result = {"checkpoint": path, "model": what, "data": args.data, "samples": n, "blocks": rows,
+    result = {"checkpoint": path, "model": what, "data": args.data, "samples": n, "batch": batch, "blocks": rows,
               "cosines": cos.tolist()}
     with open(os.path.join(folder, "gradient_conflict.json"), "w") as f:
         json.dump(result, f)

@@ -169,12 +169,16 @@ def test_cli_chain_mae_grafting_evaluate_and_gradient_analysis(mae_run, tmp_path
     result = json.loads((tmp_path / "g" / "eval-online-cls.json").read_text())
     assert result["method"] == "grafting" and 0 <= result["knn_top1"] <= 100
 
-    out = cli("grafting.py", "--analyze-gradients", str(ckpt), "--data", "fake", "--device", "cpu",
-              "--analyze-samples", "8").stdout
-    assert "| block | mean C |" in out and out.count("\n| ") >= 4
-    conflict = json.loads((tmp_path / "g" / "gradient_conflict.json").read_text())
+    def analyze(samples):
+        out = cli("grafting.py", "--analyze-gradients", str(ckpt), "--data", "fake", "--device", "cpu",
+                  "--analyze-samples", samples).stdout
+        return out, json.loads((tmp_path / "g" / "gradient_conflict.json").read_text())
+    out, conflict = analyze("20")  # rounded down to one batch of the run's 16
+    assert "| block | mean C |" in out and out.count("\n| ") >= 4 and "16 images of fake in batches of 16" in out
     cos = torch.tensor(conflict["cosines"])
-    assert cos.shape == (8, 3) and (cos.abs() <= 1 + 1e-5).all() and cos.abs().sum() > 0
+    assert cos.shape == (16, 3) and (cos.abs() <= 1 + 1e-5).all() and cos.abs().sum() > 0
+    _, more = analyze("32")  # a second batch: each image's contrastive loss still sees only its own batch's keys
+    assert torch.allclose(torch.tensor(more["cosines"])[:16], cos, atol=1e-5)
     assert [row["block"] for row in conflict["blocks"]] == [1, 2, 3]
     assert conflict["blocks"][0]["frac_negative"] == pytest.approx((cos[:, 0] < 0).float().mean().item())
     with Image.open(tmp_path / "g" / "gradient_conflict.png") as im:
