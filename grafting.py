@@ -930,6 +930,8 @@ def train(args):
                                          generator=torch.Generator().manual_seed(args.seed))  # keeps the global RNG (masks) untouched
     total_steps = args.steps or args.epochs * steps_per_epoch
     warmup_steps = round(total_steps * args.warmup_epochs / args.epochs)
+    capped = warmup_steps > total_steps // 2  # e.g. --epochs 5 with a 10-epoch warm-up: the lr would never peak
+    warmup_steps = min(warmup_steps, total_steps // 2)
     step = 0
     if resumed:
         model.load_state_dict(resumed["model"])
@@ -944,7 +946,8 @@ def train(args):
         f.write(open(__file__).read())
     ckpt_path = os.path.join(run_dir, "checkpoint.pt")
     print(f"{len(dataset)} images | {steps_per_epoch} steps/epoch | {total_steps} steps "
-          f"({total_steps / steps_per_epoch:.1f} epochs, warm-up {warmup_steps}) | writing to {run_dir}")
+          f"({total_steps / steps_per_epoch:.1f} epochs, warm-up {warmup_steps}{' = half the run' if capped else ''}) | "
+          f"writing to {run_dir}")
 
     def checkpoint():
         save_checkpoint(ckpt_path, {

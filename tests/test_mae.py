@@ -150,3 +150,13 @@ def test_non_finite_loss_stops_with_the_step():
     with pytest.raises(mae.DataError, match="loss is nan at step 12"):
         mae.check_finite(losses, first_step=10)
     assert mae.check_finite(losses[:2], first_step=10) == pytest.approx(0.95)
+
+
+def test_a_warm_up_longer_than_half_the_run_is_capped_so_the_lr_peaks(tmp_path, capsys):
+    # 1 epoch of 62 steps with the recipe's 10-epoch warm-up: uncapped, the lr would climb for 620 steps
+    path = mae.train(tiny_args(tmp_path, "warm", epochs=1, warmup_epochs=10, log_every=1, stop_after=40))
+    assert "warm-up 31 = half the run" in capsys.readouterr().out
+    lrs = [r["train/lr"] for r in read_log(path)]
+    peak = mae.RECIPES["cifar10"]["blr"] * 16 / 256
+    assert lrs[30] == pytest.approx(peak * 30 / 31) and lrs[31] == pytest.approx(peak)  # step 31 is the peak
+    assert lrs[39] < lrs[31]  # then the cosine decay
