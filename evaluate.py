@@ -445,16 +445,26 @@ def load_weights_file(path, which="default", heads=0, img_size=224, random_init=
 
 
 @torch.no_grad()
-def extract_features(encoder, dataset, pool, device, amp, batch_size, num_workers):
-    """Frozen features (N, D) in fp32 on the CPU and labels (N,), in dataset order."""
+def extract_features(encoder, dataset, pool, device, amp, batch_size, num_workers, name="", progress_every=30.0):
+    """Frozen features (N, D) in fp32 on the CPU and labels (N,), in dataset order. A progress line
+    (images, img/s, ETA) every progress_every seconds, for long passes such as ImageNet's train split."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                                          pin_memory=device.type == "cuda")
     encoder.eval()
-    feats, labels = [], []
+    feats, labels, done = [], [], 0
+    t0 = last = time.perf_counter()
     for images, y in loader:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             feats.append(encoder(images.to(device, non_blocking=True), pool=pool).float().cpu())
         labels.append(torch.as_tensor(y))
+        done += len(y)
+        now = time.perf_counter()
+        if now - last >= progress_every and done < len(dataset):
+            rate = done / (now - t0)
+            eta = (len(dataset) - done) / rate
+            print(f"features {name}: {done:,}/{len(dataset):,} images | {rate:,.0f} img/s | "
+                  f"ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}", flush=True)
+            last = now
     return torch.cat(feats), torch.cat(labels)
 
 
@@ -855,7 +865,7 @@ def evaluate_one(args, source, kind, protocols, random_init, device):
             dataset = Augmented(dataset, eval_transform(img_size))
             if split == "train":
                 dataset = train_subset(dataset, args)
-            feats[split] = extract_features(encoder, dataset, args.pool, device, args.amp, args.batch_size, args.num_workers)
+            feats[split] = extract_features(encoder, dataset, args.pool, device, args.amp, args.batch_size, args.num_workers, split)
         (train_f, train_y), (test_f, test_y) = feats["train"], feats["val"]
         print(f"features: {len(train_f)} train, {len(test_f)} val, dim {train_f.shape[1]}, "
               f"pool {args.pool}, {time.perf_counter() - t0:.0f} s")

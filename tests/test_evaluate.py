@@ -231,3 +231,16 @@ def test_tsne_writes_a_png_when_its_packages_are_there(tmp_path):
     from PIL import Image
     with Image.open(out) as im:
         assert im.format == "PNG"
+
+
+def test_feature_extraction_reports_progress_and_keeps_order(capsys):
+    vit = ViT(img_size=32, patch_size=4, dim=32, depth=1, heads=2)
+    images = torch.randn(10, 3, 32, 32)
+    dataset = [(img, i) for i, img in enumerate(images)]
+    feats, labels = evaluate.extract_features(vit, dataset, "cls", torch.device("cpu"), False, 4, 0, "train",
+                                              progress_every=0.0)
+    assert labels.tolist() == list(range(10))
+    assert torch.allclose(feats, vit.eval()(images, pool="cls"), atol=1e-5)
+    lines = capsys.readouterr().out.splitlines()  # after batches 1 and 2; the last batch ends the pass
+    assert len(lines) == 2 and lines[0].startswith("features train: 4/10 images |") and "ETA 0:00:" in lines[0]
+    assert lines[1].startswith("features train: 8/10 images")
