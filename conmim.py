@@ -636,19 +636,18 @@ def run_benchmark(args, device, step_fn):
     with FlopCounterMode(display=False) as counter:  # one eager step of the same model
         step_fn(eager=True)
     flops = counter.get_total_flops()
-    amp = args.amp
-    peak = args.peak_tflops or measure_peak_tflops(device, torch.bfloat16 if amp else torch.float32)
+    peak = args.peak_tflops or measure_peak_tflops(device, torch.bfloat16 if args.amp else torch.float32)
     achieved = flops / seconds / 1e12
     mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     result = {"method": METHOD, "device": name, "torch": torch.__version__, "model": args.model_dims or args.model,
               "img_size": args.img_size, "patch_size": args.patch_size, "batch_size": args.batch_size,
-              "amp_bf16": amp, "compile": args.compile,
+              "amp_bf16": args.amp, "compile": args.compile,
               "img_per_s": args.batch_size / seconds, "ms_per_step": 1000 * seconds,
               "gflop_per_img": flops / args.batch_size / 1e9, "tflops": achieved, "peak_tflops": peak,
               "mfu": achieved / peak, "peak_mem_gib": mem}
     print(f"benchmark | {name} | torch {torch.__version__} | {result['model']}/{args.patch_size} at "
-          f"{args.img_size} px | batch {args.batch_size} | bf16 {amp} | compile {result['compile']}")
+          f"{args.img_size} px | batch {args.batch_size} | bf16 {args.amp} | compile {args.compile}")
     print(f"benchmark | {result['img_per_s']:,.0f} img/s | {result['ms_per_step']:.1f} ms/step | "
           f"{result['gflop_per_img']:.1f} GFLOP/img (fwd+bwd) | {achieved:.1f} TFLOP/s | MFU {100 * result['mfu']:.1f}% "
           f"of {peak:.3g} TFLOP/s | peak memory {'n/a' if mem is None else f'{mem:.2f} GiB'}")
@@ -673,8 +672,10 @@ def train(args):
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DataError("--device cuda was asked for but no GPU is visible; use --device cpu")
-    auto = device.type == "cuda"  # bf16 autocast and torch.compile: on with CUDA, off on CPU unless asked for
-    args.amp, args.compile = auto if args.amp is None else args.amp, auto if args.compile is None else args.compile
+    if args.amp is None:  # "auto": bf16 autocast and torch.compile on with CUDA, off on the CPU unless asked for
+        args.amp = device.type == "cuda"
+    if args.compile is None:
+        args.compile = device.type == "cuda"
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     # ==== end SHARED ====
