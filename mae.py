@@ -14,7 +14,8 @@ Run:
     python mae.py --data fake --device cpu --steps 20 --batch-size 16 --model-dims 64,2,4 --decoder-dim 64   # seconds
     python mae.py --benchmark --recipe imagenet    # img/s, TFLOP/s and MFU of one training step
     python evaluate.py --ckpt runs/<run>/checkpoint.pt --data cifar10   # kNN + linear probe
-Expected result of the default run: not yet measured on a GPU (see README.md for measured runs).
+Expected result of the default run: not yet measured (needs a GPU). Shortened to 4 epochs on a
+2-core CPU it reaches kNN 47.0 / linear 49.7 on CIFAR-10 (untrained: 34.9 / 46.1); see README.md.
 
 Paper -> code
   1. Sec. 3 "Masking": per-sample uniform random masking, ratio 0.75       -> random_masking()
