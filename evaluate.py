@@ -182,7 +182,9 @@ def parse_args(argv=None):
         flag, kind = "--" + f.name.replace("_", "-"), f.type
         if typing.get_origin(kind) in (typing.Union, types.UnionType):  # "int | None" -> int
             kind = next(t for t in typing.get_args(kind) if t is not type(None))
-        default_text = f.default if f.default is not None else "auto" if kind is bool else "from the recipe"
+        default_text = f.default
+        if f.default is None:  # filled in later: from the recipe, or (amp, compile) from the device
+            default_text = "auto" if kind is bool else "from the recipe"
         help_text = f"{helps.get(f.name, '')} (default: {default_text})".replace("%", "%%")
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
@@ -444,6 +446,11 @@ def load_weights_file(path, which="default", heads=0, img_size=224, random_init=
     return encoder, info
 
 
+def hms(seconds):
+    """Seconds as h:mm:ss, for ETAs."""
+    return f"{int(seconds // 3600)}:{int(seconds % 3600 // 60):02d}:{int(seconds % 60):02d}"
+
+
 @torch.no_grad()
 def extract_features(encoder, dataset, pool, device, amp, batch_size, num_workers, name="", progress_every=30.0):
     """Frozen features (N, D) in fp32 on the CPU and labels (N,), in dataset order. A progress line
@@ -463,7 +470,7 @@ def extract_features(encoder, dataset, pool, device, amp, batch_size, num_worker
             rate = done / (now - t0)
             eta = (len(dataset) - done) / rate
             print(f"features {name}: {done:,}/{len(dataset):,} images | {rate:,.0f} img/s | "
-                  f"ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}", flush=True)
+                  f"ETA {hms(eta)}", flush=True)
             last = now
     return torch.cat(feats), torch.cat(labels)
 
@@ -820,7 +827,7 @@ def finetune(args, encoder, info, device, ckpt_path):
                 ips = (step - step0) * args.finetune_batch_size / (time.perf_counter() - t0)
                 eta = (total - step) * args.finetune_batch_size / max(ips, 1e-9)
                 print(f"finetune | step {step}/{total} | epoch {epoch} | loss {loss.item():.4f} | lr {now:.2e} | "
-                      f"{ips:.0f} img/s | ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}", flush=True)
+                      f"{ips:.0f} img/s | ETA {hms(eta)}", flush=True)
             if time.monotonic() - last_save > 60 * args.save_minutes or step == end or stop:
                 save()
                 last_save = time.monotonic()

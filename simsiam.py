@@ -158,7 +158,9 @@ def parse_args(argv=None):
         flag, kind = "--" + f.name.replace("_", "-"), f.type
         if typing.get_origin(kind) in (typing.Union, types.UnionType):  # "int | None" -> int
             kind = next(t for t in typing.get_args(kind) if t is not type(None))
-        default_text = f.default if f.default is not None else "auto" if kind is bool else "from the recipe"
+        default_text = f.default
+        if f.default is None:  # filled in later: from the recipe, or (amp, compile) from the device
+            default_text = "auto" if kind is bool else "from the recipe"
         help_text = f"{helps.get(f.name, '')} (default: {default_text})".replace("%", "%%")
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)

@@ -55,6 +55,8 @@ def test_help_teaches(cli):
     out = " ".join(cli("mae.py", "--help").stdout.split())  # argparse wraps lines
     for text in ("--mask-ratio", "paper: 0.75", "--blr", "batch-size / 256", "--resume", "--benchmark", "--data"):
         assert text in out, text
+    assert "off on CPU; the first steps are slow while it compiles) (default: auto)" in out  # --compile
+    assert "(default: from the recipe)" in out and "(default: 0.75)" in out
     assert "--ckpt" in cli("evaluate.py", "--help").stdout
 
 

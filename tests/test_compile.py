@@ -3,7 +3,7 @@ them on any device. torch.compile uses the aot_eager backend here (Dynamo captur
 forward + backward graphs, run with eager kernels), so no C++ compiler is needed; what it checks is
 what usually breaks: a graph break, a recompilation on the second step, a dtype clash under autocast.
 (With the default inductor backend, on a machine with a C++ compiler, every method also compiles to
-one graph; that takes about a minute per method, so it is not part of the suite.)"""
+one graph; that takes 1 to 2 minutes per method on 2 cores, so it is not part of the suite.)"""
 import functools
 import importlib
 import json
