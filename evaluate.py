@@ -48,10 +48,12 @@ papers' protocols at their scale.
 # ---------------------------------------------------------------- imports
 import argparse
 import ast
+import atexit
 import dataclasses
 import inspect
 import json
 import math
+import multiprocessing
 import os
 import random
 import signal
@@ -203,21 +205,50 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics,
 
 
 class DataError(Exception):
-    """A problem to report as one line, without a traceback: bad input (a missing folder, an
-    unreadable image, a checkpoint of another method) or a run that diverged or collapsed."""
+    """A problem to report as one line, without a traceback: bad input (a missing folder, a bad flag,
+    a checkpoint of another method) or a run that diverged or collapsed."""
+
+
+class BadImage(DataError):
+    """An image file that cannot be read (the run saves a checkpoint before it stops)."""
+
+
+def error_line(e):
+    """The one line to print for a DataError. Raised in a DataLoader worker, its text carries the
+    worker's traceback, and the error's own line comes last."""
+    return str(e).strip().splitlines()[-1].removeprefix(f"{type(e).__name__}: ")
+
+
+def check_folder(root):
+    if os.path.isfile(root):
+        raise DataError(f"--data {root!r} is a file; it takes a folder of images (or 'cifar10' or 'fake')")
+    if not os.path.isdir(root):
+        raise DataError(f"data folder {root!r} does not exist (--data takes 'cifar10', 'fake' or a folder)")
+
+
+def walk_images(top):
+    """(folder, sorted image file names) under top, top-down in sorted order. Hidden files and folders
+    (.DS_Store, macOS ._* files) are skipped, and each real folder is read once, so a symbolic link
+    that loops back does not multiply the images."""
+    seen = set()
+    for folder, dirs, files in os.walk(top, followlinks=True):
+        real = os.path.realpath(folder)
+        dirs[:] = [] if real in seen else sorted(d for d in dirs if not d.startswith("."))
+        if real not in seen:
+            seen.add(real)
+            yield folder, sorted(f for f in files if not f.startswith(".") and f.lower().endswith(IMAGE_EXTS))
 
 
 def find_images(root):
     """(path, label) pairs and class names for a folder of class folders, or a flat folder (label -1)."""
-    if not os.path.isdir(root):
-        raise DataError(f"data folder {root!r} does not exist")
-    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    check_folder(root)
+    classes = sorted(d for d in os.listdir(root) if not d.startswith(".") and os.path.isdir(os.path.join(root, d)))
     samples = []
     for label, name in enumerate(classes):
-        for folder, _, files in sorted(os.walk(os.path.join(root, name), followlinks=True)):
-            samples += [(os.path.join(folder, f), label) for f in sorted(files) if f.lower().endswith(IMAGE_EXTS)]
+        for folder, files in sorted(walk_images(os.path.join(root, name))):
+            samples += [(os.path.join(folder, f), label) for f in files]
     if not classes:  # a flat folder of unlabeled images
-        samples = [(os.path.join(root, f), -1) for f in sorted(os.listdir(root)) if f.lower().endswith(IMAGE_EXTS)]
+        samples = [(os.path.join(root, f), -1) for f in next(walk_images(root))[1]]
     if not samples:
         raise DataError(f"no images ({', '.join(IMAGE_EXTS)}) found in {root!r}")
     return samples, classes
@@ -236,9 +267,12 @@ class ImageFiles(torch.utils.data.Dataset):
         try:
             with open(path, "rb") as f:
                 from PIL import Image  # torchvision depends on Pillow
-                return Image.open(f).convert("RGB"), label  # grayscale and RGBA become RGB
+                img = Image.open(f)
+                if img.mode.startswith("I"):  # 16-bit grayscale: scale to 8 bits (convert() alone clips at 255)
+                    img = img.convert("I").point(lambda v: v / 256).convert("L")
+                return img.convert("RGB"), label  # grayscale and RGBA become RGB
         except Exception as e:
-            raise DataError(f"cannot read image {path}: {e}") from None
+            raise BadImage(f"cannot read image {path}: {e}") from None
 
 
 class FakeImages(torch.utils.data.Dataset):
@@ -285,23 +319,26 @@ def build_dataset(data, split="train", img_size=32):
     raise DataError(f"{data!r} has no val/ or test/ folder of labelled images to evaluate on")
 
 
-def peek_image_size(data):
-    """(width, height) of the first image, to pick a recipe without listing a whole data set."""
+def peek_image_sides(data, count=16):
+    """The short sides of up to `count` images (at most half of them per folder, in sorted order), to pick a
+    recipe without listing a whole data set; only the image headers are read."""
     if data in ("fake", "cifar10"):
-        return (32, 32)
-    if not os.path.isdir(data):
-        raise DataError(f"data folder {data!r} does not exist (--data takes 'cifar10', 'fake' or a folder)")
-    for folder, dirs, files in os.walk(data, followlinks=True):
-        dirs.sort()
-        for f in sorted(files):
-            if f.lower().endswith(IMAGE_EXTS):
-                from PIL import Image
-                try:
-                    with Image.open(os.path.join(folder, f)) as im:
-                        return im.size
-                except Exception as e:
-                    raise DataError(f"cannot read image {os.path.join(folder, f)}: {e}") from None
-    raise DataError(f"no images ({', '.join(IMAGE_EXTS)}) found in {data!r}")
+        return [32]
+    check_folder(data)
+    from PIL import Image
+    sides = []
+    for folder, files in walk_images(data):
+        for f in files[:count // 2]:
+            try:
+                with Image.open(os.path.join(folder, f)) as im:
+                    sides.append(min(im.size))
+            except Exception as e:
+                raise BadImage(f"cannot read image {os.path.join(folder, f)}: {e}") from None
+        if len(sides) >= count:
+            break
+    if not sides:
+        raise DataError(f"no images ({', '.join(IMAGE_EXTS)}) found in {data!r}")
+    return sides[:count]
 
 
 def eval_transform(img_size):
@@ -348,6 +385,23 @@ class EpochSampler(torch.utils.data.Sampler):
         order = torch.randperm(self.n, generator=g).tolist()
         seeds = torch.randint(0, 2**62, (self.n,), generator=g).tolist()
         yield from zip(order[self.skip:], seeds[self.skip:])
+
+
+def worker_ignores_signals(worker_id):
+    """DataLoader workers leave Ctrl-C, SIGTERM and SIGHUP to the main process. A signal to the whole
+    process group (Slurm, systemd, a closed terminal) then reaches the workers too, and they must not
+    die under the main process while it finishes its step and saves."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
+
+
+@atexit.register
+def end_workers():
+    """At exit, end the data workers that are still alive (they ignore the signals above). Normally
+    the DataLoader has stopped them already; this covers an exit through an error or a second Ctrl-C."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # their end is expected, not a worker failure
+    for worker in multiprocessing.active_children():
+        worker.kill()
 # ==== end SHARED ====
 
 
@@ -362,7 +416,8 @@ def load_encoder(path, which="default", random_init=False, seed=0):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise DataError(f"cannot load checkpoint {path}: {e}") from None
+        raise DataError(f"cannot load checkpoint {path}: not a PyTorch checkpoint, or a truncated or damaged "
+                        f"one ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or "encoder" not in ckpt or "encoder_config" not in ckpt:
         raise DataError(f"{path} has no 'encoder' and 'encoder_config': it was not written by a method file here "
                         "(for published weights use --weights)")
@@ -379,6 +434,7 @@ def load_encoder(path, which="default", random_init=False, seed=0):
             encoder.load_state_dict(ckpt[key])
         except RuntimeError as e:
             raise DataError(f"the {which} weights in {path} do not fit its encoder_config: {str(e).splitlines()[0]}") from None
+        check_finite_weights(encoder, path, which)
     info = {"checkpoint": path, "method": ckpt.get("method"), "step": ckpt.get("step"),
             "encoder": which, "random_init": random_init, "encoder_config": ckpt["encoder_config"]}
     return encoder, info
@@ -396,7 +452,8 @@ def load_weights_file(path, which="default", heads=0, img_size=224, random_init=
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise DataError(f"cannot load weights {path}: {str(e).splitlines()[0]}") from None
+        raise DataError(f"cannot load weights {path}: not a PyTorch file, or a truncated or damaged one "
+                        f"({type(e).__name__})") from None
     which = "online" if which == "default" else which
     nested = {"online": ("model", "state_dict", "encoder", "student", "online_encoder"),
               "target": ("target_encoder", "momentum_encoder", "teacher", "model_ema", "state_dict", "model")}
@@ -440,10 +497,42 @@ def load_weights_file(path, which="default", heads=0, img_size=224, random_init=
             encoder.load_state_dict({k: state[k] for k in wanted})
         except RuntimeError as e:
             raise DataError(f"{path}: {str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}") from None
+        check_finite_weights(encoder, path, which)
     # the model runs at --img-size: embed() resizes the position table to the input's grid
     info = {"checkpoint": path, "method": "weights", "step": None, "encoder": which, "random_init": random_init,
             "encoder_config": dict(config, img_size=img_size)}
     return encoder, info
+
+
+def check_finite_weights(encoder, path, which):
+    """A diverged run's NaN weights would evaluate to chance accuracy without a word: refuse them."""
+    bad = [name for name, t in encoder.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]
+    if bad:
+        raise DataError(f"{path}: the {which} weights hold NaN or inf values ({len(bad)} tensors, e.g. {bad[0]}): "
+                        "the run diverged; there is nothing to evaluate")
+
+
+def labelled_splits(data, img_size):
+    """The train and val datasets with one label space. A folder's labels are the indices of its
+    sorted class folders, so val's classes are matched to train's by name: a val split that lacks a
+    class (or names one differently) would otherwise be scored against the wrong labels."""
+    train, val = build_dataset(data, "train", img_size), build_dataset(data, "val", img_size)
+    for ds in (train, val):
+        if isinstance(ds, ImageFiles) and not ds.classes:
+            raise DataError(f"{ds.root} has no class folders: evaluation needs labelled images")
+    if isinstance(train, ImageFiles) and isinstance(val, ImageFiles):
+        unknown = sorted(set(val.classes) - set(train.classes))
+        if unknown:
+            raise DataError(f"{val.root} has {len(unknown)} class folder(s) that {train.root} lacks "
+                            f"({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}): the labels cannot be matched")
+        missing = sorted(set(train.classes) - set(val.classes))
+        if missing:
+            print(f"note: {val.root} has no images of {len(missing)} of the {len(train.classes)} training classes "
+                  f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); they are still candidate labels")
+        index = {name: i for i, name in enumerate(train.classes)}
+        val.samples = [(path, index[val.classes[label]]) for path, label in val.samples]
+        val.classes = train.classes
+    return train, val
 
 
 def hms(seconds):
@@ -750,9 +839,9 @@ def finetune(args, encoder, info, device, ckpt_path):
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     img_size = info["encoder_config"]["img_size"]
-    base = build_dataset(args.data, "train", img_size)
+    base, val = labelled_splits(args.data, img_size)
     base = train_subset(base, args)
-    val = Augmented(build_dataset(args.data, "val", img_size), eval_transform(img_size))
+    val = Augmented(val, eval_transform(img_size))
     augment = [T.RandomResizedCrop(img_size, interpolation=T.InterpolationMode.BICUBIC), T.RandomHorizontalFlip()]
     if args.randaug_magnitude:
         augment.append(T.RandAugment(num_ops=2, magnitude=args.randaug_magnitude))
@@ -860,15 +949,16 @@ def evaluate_one(args, source, kind, protocols, random_init, device):
     if kind != "ckpt":  # next to the weights file, named after it
         prefix = os.path.splitext(os.path.basename(info["checkpoint"]))[0] + "-"
     stem = os.path.join(folder, f"{prefix}eval-{info['encoder']}-{args.pool}{'-random' if random_init else ''}")
+    if "finetune" in protocols and not args.resume and os.path.isfile(stem + "-finetune.pt"):
+        done = torch.load(stem + "-finetune.pt", map_location="cpu", weights_only=True)
+        raise DataError(f"{stem}-finetune.pt already holds a fine-tuning run (step {done.get('step')}): continue it "
+                        "with --resume, or move it away to fine-tune again from the start")
     results = dict(info, data=args.data, pool=args.pool)
     frozen = [p for p in protocols if p != "finetune"]
     if frozen:  # features of centre crops, no augmentation
         t0 = time.perf_counter()
         feats = {}
-        for split in ("train", "val"):
-            dataset = build_dataset(args.data, split, img_size)
-            if isinstance(dataset, ImageFiles) and not dataset.classes:
-                raise DataError(f"{dataset.root} has no class folders: evaluation needs labelled images")
+        for split, dataset in zip(("train", "val"), labelled_splits(args.data, img_size)):
             dataset = Augmented(dataset, eval_transform(img_size))
             if split == "train":
                 dataset = train_subset(dataset, args)
@@ -908,9 +998,27 @@ def evaluate_one(args, source, kind, protocols, random_init, device):
     if "finetune" in protocols:
         results["finetune_top1"] = finetune(args, encoder, info, device, stem + "-finetune.pt")
     path = args.out if args.out and len(args.ckpt) + len(args.weights) == 1 and not args.with_random_init else stem + ".json"
+    results = merged_with_earlier(path, results)
     with open(path, "w") as f:
         json.dump(results, f, indent=1)
     results["json"] = path
+    return results
+
+
+def merged_with_earlier(path, results):
+    """An earlier evaluation of the same weights (same checkpoint, step and read-out) keeps the results
+    of the protocols this run did not compute; results of other weights are replaced."""
+    try:
+        with open(path) as f:
+            earlier = json.load(f)
+    except (OSError, ValueError):
+        return results
+    same = ("checkpoint", "step", "encoder", "random_init", "pool", "data")
+    if isinstance(earlier, dict) and all(earlier.get(k) == results.get(k) for k in same):
+        kept = sorted(set(earlier) - set(results))
+        if kept:
+            print(f"kept from the earlier evaluation in {path}: {', '.join(kept)}")
+        return {**earlier, **results}
     return results
 
 
@@ -947,6 +1055,11 @@ def evaluate(args):
         args = dataclasses.replace(args, weights=(args.weights,) if args.weights else ())
     if not args.ckpt and not args.weights:
         raise DataError("--ckpt is required: a checkpoint.pt written by one of the method files (or --weights FILE)")
+    if args.out:  # before the compute: a folder that cannot be written should not cost an evaluation
+        try:
+            os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        except OSError as e:
+            raise DataError(f"cannot create the folder of --out {args.out}: {os.strerror(e.errno) if e.errno else e}") from None
     protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
     protocols = list(PROTOCOLS) if protocols == ["all"] else protocols
     unknown = set(protocols) - set(PROTOCOLS)
@@ -977,5 +1090,5 @@ def evaluate(args):
 if __name__ == "__main__":
     try:
         evaluate(parse_args())
-    except DataError as e:  # raised in a DataLoader worker, it carries the worker's traceback: keep the last line
-        sys.exit("error: " + str(e).strip().splitlines()[-1].removeprefix("DataError: "))
+    except DataError as e:
+        sys.exit("error: " + error_line(e))

@@ -37,18 +37,24 @@ Deviations and notes (REFERENCE §2.6)
   - Patch dropping is per sample (MAE's argsort trick); the official code drops the same positions
     for the whole batch (one torch.randperm per step). Both keep int(N (1 - ratio)) patches.
   - lr: official 1e-3 absolute at batch 1024; written here as blr = 2.5e-4, scaled by batch / 256.
-    One GPU: batch 256. Initialisation: the shared MAE scheme (official: trunc-normal 0.02).
+    As in the official WarmupCosineSchedule the warm-up starts at 0.2x the peak (start_lr 2e-4,
+    --warmup-start) and the cosine ends at the official final_lr 1e-6, scaled the same way to
+    2.5e-7 at batch 256 (--min-lr). One GPU: batch 256.
+  - Initialisation: the projection head as the official init_model (trunc-normal 0.02, zero
+    biases); the ViT keeps the shared MAE scheme of vit.py (official: trunc-normal 0.02 there too).
   - CIFAR-10 recipe (our choice): ViT-Tiny, patch 4, 32-px target and random anchor, 16-px focal
     views (a 4x4 grid, as 96 px is a 6x6 grid at patch 16), 200 epochs. Blur scaled to the image size.
 """
 # ---------------------------------------------------------------- imports
 import argparse
 import ast
+import atexit
 import copy
 import dataclasses
 import inspect
 import json
 import math
+import multiprocessing
 import os
 import random
 import signal
@@ -95,8 +101,8 @@ class Args:
     """images per step (paper: 4096 over many GPUs)"""
     blr: float | None = None
     """base learning rate: the lr at batch 256. Effective lr = blr * batch-size / 256 (printed at start)"""
-    min_lr: float = 0.0
-    """lr at the end of the cosine schedule"""
+    min_lr: float | None = None
+    """lr at the end of the cosine schedule (recipe: the official code's final lr, 0 for most methods)"""
     weight_decay: float | None = None
     """AdamW weight decay, not applied to biases and norm weights"""
     warmup_epochs: float | None = None
@@ -114,15 +120,15 @@ class Args:
     out_dir: str = "runs"
     """each run writes to OUT_DIR/RUN_NAME: checkpoint.pt, log.jsonl, args.json, a copy of this file, pictures"""
     run_name: str = ""
-    """run folder name (default: <method>-<data>-s<seed>-<date>-<time>)"""
+    """run folder name (default: <method>-<data>-s<seed>-<date>-<time>); an existing folder is refused, continue it with --resume"""
     resume: str = ""
-    """a checkpoint.pt (or its run folder) to continue; the run's own settings are kept"""
+    """a checkpoint.pt (or its run folder) to continue; the run's own settings are kept (other flags given are named and ignored)"""
     stop_after: int = 0
     """end this process after this many steps, saving a checkpoint (the schedule still spans the whole run); continue with --resume"""
     log_every: int = 50
     """steps between log lines"""
     save_minutes: float = 10.0
-    """minutes between checkpoints, so a hard kill (or a SIGTERM to the whole process group, which stops the data workers too) loses at most this much; one is also written at the end and on Ctrl-C / SIGTERM to the main process"""
+    """minutes between checkpoints, so a hard kill (SIGKILL, a power cut) loses at most this much; one is also written at the end and on Ctrl-C, SIGTERM or SIGHUP (to the main process or its whole process group)"""
     benchmark: bool = False
     """measure training speed instead of training: img/s, TFLOP/s and MFU on synthetic data already on the device"""
     benchmark_steps: int = 30
@@ -154,6 +160,8 @@ class Args:
     """target-encoder momentum at the start, raised linearly toward 1 (official: 0.996)"""
     final_weight_decay: float = 0.4
     """weight decay at the end of the horizon; it rises by a cosine from --weight-decay (official: 0.04 -> 0.4)"""
+    warmup_start: float = 0.2
+    """the lr warm-up starts at this fraction of the peak lr, not at 0 (official: start_lr 2e-4 = 0.2 x lr 1e-3)"""
     horizon: float = 1.25
     """the lr, weight-decay and momentum schedules span this many times the run, which stops at 1/horizon of them (official: 1.25)"""
     clip_grad: float = 3.0
@@ -163,10 +171,10 @@ class Args:
 RECIPES = {
     # our small-data recipe (no official CIFAR-10 MSN exists); views scaled with the image
     "cifar10": dict(model="tiny", img_size=32, patch_size=4, epochs=200, batch_size=256, blr=2.5e-4,
-                    weight_decay=0.04, warmup_epochs=4, focal_size=16),
+                    min_lr=2.5e-7, weight_decay=0.04, warmup_epochs=4, focal_size=16),
     # the official ViT-S/16 config (msn_vits16.yaml: 800 epochs, 15 warm-up, lr 1e-3 at batch 1024), at batch 256
     "imagenet": dict(model="small", img_size=224, patch_size=16, epochs=800, batch_size=256, blr=2.5e-4,
-                     weight_decay=0.04, warmup_epochs=15, focal_size=96),
+                     min_lr=2.5e-7, weight_decay=0.04, warmup_epochs=15, focal_size=96),
 }
 
 
@@ -197,23 +205,42 @@ def parse_args(argv=None):
 
 # ==== SHARED: recipe and encoder, identical in every method file ====
 def apply_recipe(args):
-    """Fill every field left at None from the chosen recipe; returns the recipe's name."""
+    """Fill every field left at None from the chosen recipe, then check the values; returns the
+    recipe's name. 'auto' decides from the median short side of several images, so one odd image
+    (a 1x1 icon sorted first) does not pick the recipe."""
     recipe = args.recipe
     if recipe == "auto":
-        side = min(peek_image_size(args.data))
+        sides = sorted(peek_image_sides(args.data))
+        side = sides[len(sides) // 2]
         recipe = "imagenet" if side >= 64 else "cifar10"
+        if args.data not in ("fake", "cifar10"):
+            print(f"recipe auto: {len(sides)} images looked at, short sides {sides[0]} to {sides[-1]} px, "
+                  f"median {side} px -> {recipe} (64 px or more: imagenet)")
     if recipe not in RECIPES:
         raise DataError(f"unknown --recipe {recipe!r}; choose one of {sorted(RECIPES)} or 'auto'")
     for name, value in RECIPES[recipe].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    for name in ("img_size", "patch_size", "batch_size", "epochs", "blr", "log_every", "benchmark_steps"):
+        if getattr(args, name) <= 0:
+            raise DataError(f"--{name.replace('_', '-')} must be more than 0, not {getattr(args, name)}")
+    for name in ("steps", "stop_after", "num_workers", "min_lr", "weight_decay", "warmup_epochs", "save_minutes"):
+        if getattr(args, name) < 0:
+            raise DataError(f"--{name.replace('_', '-')} must be 0 or more, not {getattr(args, name)}")
     return recipe
 
 
 def build_encoder(args, **kwargs):
     """The ViT named by --model (or --model-dims width,depth,heads) at --img-size / --patch-size."""
     if args.model_dims:
-        dim, depth, heads = (int(v) for v in args.model_dims.split(","))
+        parts = args.model_dims.split(",")
+        if len(parts) != 3 or not all(v.strip().isdigit() and int(v) > 0 for v in parts):
+            raise DataError(f"--model-dims takes width,depth,heads, three whole numbers above 0 (e.g. 64,2,4), "
+                            f"not {args.model_dims!r}")
+        dim, depth, heads = (int(v) for v in parts)
+        if dim % heads or dim % 4:
+            raise DataError(f"--model-dims {args.model_dims}: the width {dim} must be divisible by the {heads} heads "
+                            "and by 4 (for the sin-cos position table)")
     elif args.model in SIZES:
         dim, depth, heads = SIZES[args.model]
     else:
@@ -231,21 +258,50 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics,
 
 
 class DataError(Exception):
-    """A problem to report as one line, without a traceback: bad input (a missing folder, an
-    unreadable image, a checkpoint of another method) or a run that diverged or collapsed."""
+    """A problem to report as one line, without a traceback: bad input (a missing folder, a bad flag,
+    a checkpoint of another method) or a run that diverged or collapsed."""
+
+
+class BadImage(DataError):
+    """An image file that cannot be read (the run saves a checkpoint before it stops)."""
+
+
+def error_line(e):
+    """The one line to print for a DataError. Raised in a DataLoader worker, its text carries the
+    worker's traceback, and the error's own line comes last."""
+    return str(e).strip().splitlines()[-1].removeprefix(f"{type(e).__name__}: ")
+
+
+def check_folder(root):
+    if os.path.isfile(root):
+        raise DataError(f"--data {root!r} is a file; it takes a folder of images (or 'cifar10' or 'fake')")
+    if not os.path.isdir(root):
+        raise DataError(f"data folder {root!r} does not exist (--data takes 'cifar10', 'fake' or a folder)")
+
+
+def walk_images(top):
+    """(folder, sorted image file names) under top, top-down in sorted order. Hidden files and folders
+    (.DS_Store, macOS ._* files) are skipped, and each real folder is read once, so a symbolic link
+    that loops back does not multiply the images."""
+    seen = set()
+    for folder, dirs, files in os.walk(top, followlinks=True):
+        real = os.path.realpath(folder)
+        dirs[:] = [] if real in seen else sorted(d for d in dirs if not d.startswith("."))
+        if real not in seen:
+            seen.add(real)
+            yield folder, sorted(f for f in files if not f.startswith(".") and f.lower().endswith(IMAGE_EXTS))
 
 
 def find_images(root):
     """(path, label) pairs and class names for a folder of class folders, or a flat folder (label -1)."""
-    if not os.path.isdir(root):
-        raise DataError(f"data folder {root!r} does not exist")
-    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    check_folder(root)
+    classes = sorted(d for d in os.listdir(root) if not d.startswith(".") and os.path.isdir(os.path.join(root, d)))
     samples = []
     for label, name in enumerate(classes):
-        for folder, _, files in sorted(os.walk(os.path.join(root, name), followlinks=True)):
-            samples += [(os.path.join(folder, f), label) for f in sorted(files) if f.lower().endswith(IMAGE_EXTS)]
+        for folder, files in sorted(walk_images(os.path.join(root, name))):
+            samples += [(os.path.join(folder, f), label) for f in files]
     if not classes:  # a flat folder of unlabeled images
-        samples = [(os.path.join(root, f), -1) for f in sorted(os.listdir(root)) if f.lower().endswith(IMAGE_EXTS)]
+        samples = [(os.path.join(root, f), -1) for f in next(walk_images(root))[1]]
     if not samples:
         raise DataError(f"no images ({', '.join(IMAGE_EXTS)}) found in {root!r}")
     return samples, classes
@@ -264,9 +320,12 @@ class ImageFiles(torch.utils.data.Dataset):
         try:
             with open(path, "rb") as f:
                 from PIL import Image  # torchvision depends on Pillow
-                return Image.open(f).convert("RGB"), label  # grayscale and RGBA become RGB
+                img = Image.open(f)
+                if img.mode.startswith("I"):  # 16-bit grayscale: scale to 8 bits (convert() alone clips at 255)
+                    img = img.convert("I").point(lambda v: v / 256).convert("L")
+                return img.convert("RGB"), label  # grayscale and RGBA become RGB
         except Exception as e:
-            raise DataError(f"cannot read image {path}: {e}") from None
+            raise BadImage(f"cannot read image {path}: {e}") from None
 
 
 class FakeImages(torch.utils.data.Dataset):
@@ -313,23 +372,26 @@ def build_dataset(data, split="train", img_size=32):
     raise DataError(f"{data!r} has no val/ or test/ folder of labelled images to evaluate on")
 
 
-def peek_image_size(data):
-    """(width, height) of the first image, to pick a recipe without listing a whole data set."""
+def peek_image_sides(data, count=16):
+    """The short sides of up to `count` images (at most half of them per folder, in sorted order), to pick a
+    recipe without listing a whole data set; only the image headers are read."""
     if data in ("fake", "cifar10"):
-        return (32, 32)
-    if not os.path.isdir(data):
-        raise DataError(f"data folder {data!r} does not exist (--data takes 'cifar10', 'fake' or a folder)")
-    for folder, dirs, files in os.walk(data, followlinks=True):
-        dirs.sort()
-        for f in sorted(files):
-            if f.lower().endswith(IMAGE_EXTS):
-                from PIL import Image
-                try:
-                    with Image.open(os.path.join(folder, f)) as im:
-                        return im.size
-                except Exception as e:
-                    raise DataError(f"cannot read image {os.path.join(folder, f)}: {e}") from None
-    raise DataError(f"no images ({', '.join(IMAGE_EXTS)}) found in {data!r}")
+        return [32]
+    check_folder(data)
+    from PIL import Image
+    sides = []
+    for folder, files in walk_images(data):
+        for f in files[:count // 2]:
+            try:
+                with Image.open(os.path.join(folder, f)) as im:
+                    sides.append(min(im.size))
+            except Exception as e:
+                raise BadImage(f"cannot read image {os.path.join(folder, f)}: {e}") from None
+        if len(sides) >= count:
+            break
+    if not sides:
+        raise DataError(f"no images ({', '.join(IMAGE_EXTS)}) found in {data!r}")
+    return sides[:count]
 
 
 def eval_transform(img_size):
@@ -376,6 +438,23 @@ class EpochSampler(torch.utils.data.Sampler):
         order = torch.randperm(self.n, generator=g).tolist()
         seeds = torch.randint(0, 2**62, (self.n,), generator=g).tolist()
         yield from zip(order[self.skip:], seeds[self.skip:])
+
+
+def worker_ignores_signals(worker_id):
+    """DataLoader workers leave Ctrl-C, SIGTERM and SIGHUP to the main process. A signal to the whole
+    process group (Slurm, systemd, a closed terminal) then reaches the workers too, and they must not
+    die under the main process while it finishes its step and saves."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
+
+
+@atexit.register
+def end_workers():
+    """At exit, end the data workers that are still alive (they ignore the signals above). Normally
+    the DataLoader has stopped them already; this covers an exit through an error or a second Ctrl-C."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # their end is expected, not a worker failure
+    for worker in multiprocessing.active_children():
+        worker.kill()
 # ==== end SHARED ====
 
 
@@ -429,10 +508,16 @@ def patch_drop(x, ratio):
 
 # MSN projection head specifics
 def projection_head(in_dim, hidden_dim, out_dim):
-    """Official fc head: Linear, BN, GELU, Linear, BN, GELU, Linear (biases on, no BN on the output)."""
-    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.GELU(),
+    """Official fc head: Linear, BN, GELU, Linear, BN, GELU, Linear (biases on, no BN on the output).
+    Its Linear layers start as in the official init_model: weights trunc-normal(0.02), biases 0."""
+    head = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.GELU(),
                          nn.Linear(hidden_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.GELU(),
                          nn.Linear(hidden_dim, out_dim))
+    for m in head:
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+    return head
 
 
 class MSN(nn.Module):
@@ -465,15 +550,18 @@ class MSN(nn.Module):
 
     def forward(self, target_view, rand_view, *focal_views):
         """Target view (B, 3, H, W), random anchor (B, 3, H, W), focal anchors (B, 3, h, w) each
-        -> anchor representations z (M*B, d), view-major, and target representations z+ (B, d)."""
+        -> anchor representations z (M*B, d), view-major, and target representations z+ (B, d).
+        As in the official encoder (deit.py forward), each group of same-size anchors goes through
+        encoder and head on its own, so the head's BatchNorm normalises the random anchors and the
+        focal anchors with their own batch statistics."""
         # 1. random anchor: patch tokens with positions, drop a random share, then the blocks; CLS output
         x = patch_drop(self.encoder.embed(rand_view), self.patch_drop)            # (B, N_keep, D)
-        h = [self.encoder.forward_tokens(x)[:, 0]]                                # [(B, D)]
+        z = [self.head(self.encoder.forward_tokens(x)[:, 0])]                     # [(B, d)]
 
         # 2. focal anchors: one group at their own resolution (positions interpolated in vit.embed)
         if focal_views:
-            h += list(self.encoder(torch.cat(focal_views)).chunk(len(focal_views)))  # M - 1 x (B, D)
-        z = self.head(torch.cat(h))                                               # (M*B, d)
+            z.append(self.head(self.encoder(torch.cat(focal_views))))            # ((M-1)*B, d), view-major
+        z = torch.cat(z)                                                          # (M*B, d)
 
         # 3. target: the EMA encoder and head on the full, unmasked view, no gradient
         with torch.no_grad():
@@ -540,10 +628,11 @@ def msn_loss(z, z_plus, prototypes, tau=0.1, T=0.25, memax_weight=1.0, use_sinkh
 
 # ---------------------------------------------------------------- train
 # ==== SHARED: schedule, logging, checkpoints and benchmark, identical in every method file ====
-def lr_at(step, total_steps, warmup_steps, peak_lr, min_lr):
-    """Linear warm-up from 0 to peak_lr, then a half-cosine down to min_lr, per step (MAE util/lr_sched.py)."""
+def lr_at(step, total_steps, warmup_steps, peak_lr, min_lr, start_lr=0.0):
+    """Linear warm-up from start_lr (0 unless a method says) to peak_lr, then a half-cosine down to
+    min_lr, per step (MAE util/lr_sched.py)."""
     if step < warmup_steps:
-        return peak_lr * step / warmup_steps
+        return start_lr + (peak_lr - start_lr) * step / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return min_lr + (peak_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
@@ -556,10 +645,42 @@ def to_device(views, device):
 
 
 def save_checkpoint(path, state):
-    """Write to a temporary file, then rename: a run killed mid-save keeps its previous checkpoint."""
+    """Write to a temporary file, then rename: a run killed mid-save keeps its previous checkpoint.
+    Weights that are not finite (a diverged step) never replace a good checkpoint."""
+    if not all(t.isfinite().all() for t in state["model"].values() if t.is_floating_point()):
+        raise DataError(f"the weights are NaN or inf at step {state['step']}: training diverged; the last good "
+                        f"checkpoint {path} is kept; try a lower --blr or a longer warm-up")
     tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # a full disk, a lost mount: keep the previous checkpoint, no partial file
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        reason = os.strerror(e.errno) if isinstance(e, OSError) and e.errno else str(e).splitlines()[0]
+        raise DataError(f"cannot write checkpoint {path}: {reason} (disk full?); the previous checkpoint is kept") from None
+
+
+def make_run_dir(args):
+    """Create OUT_DIR/RUN_NAME, and only a new one: an existing run folder is never written into unless
+    resumed. Without --run-name the name is <method>-<data>-s<seed>-<date>-<time>, with -2, -3, ...
+    added when two runs start in the same second."""
+    if os.path.isfile(args.out_dir):
+        raise DataError(f"--out-dir {args.out_dir!r} is a file, not a folder")
+    name = args.run_name or f"{METHOD}-{os.path.basename(os.path.normpath(args.data))}-s{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for attempt in range(1, 1000):
+        run_dir = os.path.join(args.out_dir, name if attempt == 1 else f"{name}-{attempt}")
+        try:
+            os.makedirs(args.out_dir, exist_ok=True)
+            os.mkdir(run_dir)  # atomic: of two runs that start at once, one gets the folder
+            return run_dir
+        except FileExistsError:
+            if args.run_name:
+                raise DataError(f"run folder {run_dir} already exists: continue that run with --resume {run_dir}, "
+                                "or choose another --run-name") from None
+        except OSError as e:
+            raise DataError(f"cannot create run folder {run_dir}: {os.strerror(e.errno) if e.errno else e}") from None
+    raise DataError(f"cannot find a free run folder name for {name} in {args.out_dir}")
 
 
 def load_checkpoint(path):
@@ -570,7 +691,8 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise DataError(f"cannot load checkpoint {path}: {e}") from None
+        raise DataError(f"cannot load checkpoint {path}: not a PyTorch checkpoint, or a truncated or damaged "
+                        f"one ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or ckpt.get("method") != METHOD:
         found = ckpt.get("method") if isinstance(ckpt, dict) else None
         raise DataError(f"{path} is not a {METHOD}.py checkpoint (method: {found!r})")
@@ -597,6 +719,11 @@ class Logger:
     def __init__(self, run_dir, total_steps, batch_size, start_step):
         self.path, self.total, self.batch = os.path.join(run_dir, "log.jsonl"), total_steps, batch_size
         self.t0, self.step0 = time.perf_counter(), start_step  # the first window also counts start-up
+        if os.path.exists(self.path):  # a resumed run: drop what was logged after its checkpoint, it is done again
+            with open(self.path) as f:
+                lines = [line for line in f if line.endswith("}\n") and json.loads(line)["step"] <= start_step]
+            with open(self.path, "w") as f:
+                f.writelines(lines)
 
     def log(self, step, epoch, loss, lr, extras):
         now = time.perf_counter()
@@ -684,14 +811,20 @@ def train(args):
     if args.resume:  # the run continues with its own settings; only these may change on resume
         resumed, ckpt_path = load_checkpoint(args.resume)
         keep = {k: getattr(args, k) for k in ("device", "compile", "amp", "num_workers", "stop_after", "log_every", "save_minutes")}
+        ignored = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(Args) if f.name not in keep and
+                   f.name != "resume" and getattr(args, f.name) not in (f.default, resumed["args"].get(f.name))]
+        if ignored:
+            print(f"warning: --resume continues the run with its own settings; ignored: {', '.join(ignored)}")
         args = Args(**{**resumed["args"], **keep, "resume": ckpt_path})
     recipe = apply_recipe(args)
-    run_dir = (os.path.dirname(args.resume) if args.resume else
-               os.path.join(args.out_dir, args.run_name or f"{METHOD}-{os.path.basename(os.path.normpath(args.data))}"
-                            f"-s{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}"))
     random.seed(args.seed)
     torch.manual_seed(args.seed)  # CPU runs are bit-exact; GPU kernels and torch.compile may still differ slightly
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise DataError(f"unknown --device {args.device!r}; use 'cuda', 'cuda:N' or 'cpu'")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DataError("--device cuda was asked for but no GPU is visible; use --device cpu")
     if args.amp is None:  # "auto": bf16 autocast and torch.compile on with CUDA, off on the CPU unless asked for
@@ -749,7 +882,7 @@ def train(args):
     sampler = EpochSampler(len(dataset), args.seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
                                          num_workers=args.num_workers, pin_memory=device.type == "cuda",
-                                         persistent_workers=args.num_workers > 0,
+                                         persistent_workers=args.num_workers > 0, worker_init_fn=worker_ignores_signals,
                                          generator=torch.Generator().manual_seed(args.seed))  # keeps the global RNG (masks) untouched
     total_steps = args.steps or args.epochs * steps_per_epoch
     warmup_steps = round(total_steps * args.warmup_epochs / args.epochs)
@@ -762,7 +895,10 @@ def train(args):
         set_rng_state(resumed["rng"], device)
         step = resumed["step"]
         print(f"resumed from {args.resume} at step {step}")
-    os.makedirs(run_dir, exist_ok=True)
+        if resumed.get("num_images", len(dataset)) != len(dataset):
+            print(f"warning: {args.data} now has {len(dataset)} images, the run started with {resumed['num_images']}: "
+                  "from here on the samples are drawn from the changed data set, in a different order")
+    run_dir = os.path.dirname(args.resume) if args.resume else make_run_dir(args)
     with open(os.path.join(run_dir, "args.json"), "w") as f:
         json.dump(dataclasses.asdict(args), f, indent=1)
     with open(os.path.join(run_dir, f"{METHOD}.py"), "w") as f:  # the code that produced this run
@@ -777,16 +913,24 @@ def train(args):
             "method": METHOD, "args": dataclasses.asdict(args), "step": step,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state(device),
             "encoder": model.encoder.state_dict(), "encoder_config": model.encoder.config,
-            **encoders_to_save(model),
+            "num_images": len(dataset), **encoders_to_save(model),
         })
 
-    stop = []  # Ctrl-C / SIGTERM: finish the step, save, exit; a second Ctrl-C stops at once
+    def batches():  # the loader's batches; an unreadable image ends the run with a checkpoint of the steps done
+        try:
+            yield from loader
+        except BadImage as e:
+            checkpoint()
+            raise BadImage(f"{error_line(e)}; saved a checkpoint at step {step}: replace or remove that file, then "
+                           f"continue with --resume {run_dir}") from None
+
+    stop = []  # Ctrl-C / SIGTERM / SIGHUP: finish the step, save, exit; a second Ctrl-C stops at once
     def request_stop(signum, frame):
         stop.append(signum)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        print(f"\nsignal {signum}: saving a checkpoint after this step (Ctrl-C again to quit now)", flush=True)
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step (Ctrl-C again to quit now)", flush=True)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, request_stop)
     logger, losses, window_start, last_save = Logger(run_dir, total_steps, args.batch_size, step), [], step, time.monotonic()
     end_step = min(total_steps, step + args.stop_after) if args.stop_after else total_steps
     # ==== end SHARED ====
@@ -794,9 +938,10 @@ def train(args):
     while step < end_step and not stop:
         epoch = step // steps_per_epoch
         sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * args.batch_size)
-        for views, _ in loader:
+        for views, _ in batches():
             # 1-5. one MSN step: mask anchors, encode, predict prototypes, H(p+, p) - lambda H(p_bar), EMA
-            lr_now = lr_at(step, round(args.horizon * total_steps), warmup_steps, lr, args.min_lr)  # 1.25x horizon
+            lr_now = lr_at(step, round(args.horizon * total_steps), warmup_steps, lr, args.min_lr,  # 1.25x horizon
+                           start_lr=args.warmup_start * lr)  # official WarmupCosineSchedule: from start_lr
             loss, extras = train_step(to_device(views, device), lr_now, step / total_steps)
             losses.append(loss)
             step += 1
@@ -822,5 +967,5 @@ def train(args):
 if __name__ == "__main__":
     try:
         train(parse_args())
-    except DataError as e:  # raised in a DataLoader worker, it carries the worker's traceback: keep the last line
-        sys.exit("error: " + str(e).strip().splitlines()[-1].removeprefix("DataError: "))
+    except DataError as e:
+        sys.exit("error: " + error_line(e))

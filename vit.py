@@ -142,8 +142,10 @@ class ViT(nn.Module):
         return cls(dim=dim, depth=depth, heads=heads, **kwargs)
 
     def init_weights(self):
-        """MAE's scheme (REFERENCE §0.4): xavier-uniform Linear and patch projection, zero biases,
-        LayerNorm (1, 0), CLS ~ N(0, 0.02); sin-cos table fixed, or trunc-normal(0.02) if learnable."""
+        """MAE's scheme (models_mae.py initialize_weights, REFERENCE §0.4): xavier-uniform Linear and
+        patch projection weights, zero Linear biases, LayerNorm (1, 0), CLS ~ N(0, 0.02); sin-cos table
+        fixed, or trunc-normal(0.02) if learnable. As in MAE, the patch projection's bias keeps
+        PyTorch's Conv2d default, U(+-1/sqrt(3 p^2))."""
         if self.pos_embed.requires_grad:
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
         else:
@@ -151,7 +153,6 @@ class ViT(nn.Module):
         nn.init.normal_(self.cls_token, std=0.02)
         w = self.patch_embed.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a Linear on the flattened patch
-        nn.init.zeros_(self.patch_embed.proj.bias)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)

@@ -54,8 +54,9 @@ def test_every_parameter_sits_in_one_lr_group_with_its_lr():
             continue
         slow = name == "encoder.cls_token" or name.startswith(("encoder.blocks.0.", "encoder.blocks.1."))
         assert lr_of[id(p)] == pytest.approx(lr * (0.1 if slow else 1.0)), name
-        no_decay = p.ndim == 1 or name == "encoder.cls_token"
-        assert wd_of[id(p)] == (0.0 if no_decay else 0.1), name
+        # official param_groups_lrd_moco(no_weight_decay_list=[]): only 1-D parameters skip decay, CLS does not
+        assert wd_of[id(p)] == (0.0 if p.ndim == 1 else 0.1), name
+    assert wd_of[id(names["encoder.cls_token"])] == 0.1
     for name in ("encoder.blocks.2.attn.qkv.weight", "encoder.norm.weight", "projector.0.weight", "predictor.0.weight"):
         assert lr_of[id(names[name])] == pytest.approx(lr)
 

@@ -126,7 +126,7 @@ def test_imagenet_recipe_on_a_folder_of_224px_images(tmp_path, cli):
         Image.new("RGB", (256, 224), (40 * i, 90, 160)).save(folder / f"{i}.jpg")
     out = cli("msn.py", "--data", str(tmp_path / "big"), "--device", "cpu", "--model-dims", "32,1,2", "--batch-size",
               "4", "--steps", "1", "--focal-views", "2", "--hidden-dim", "32", "--num-prototypes", "8",
-              "--num-workers", "0", "--out-dir", str(tmp_path), "--run-name", "big").stdout
+              "--num-workers", "0", "--out-dir", str(tmp_path), "--run-name", "run").stdout
     assert "recipe imagenet" in out and "/16 at 224 px" in out
-    ckpt = torch.load(tmp_path / "big" / "checkpoint.pt", weights_only=True)
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert ckpt["encoder_config"]["img_size"] == 224 and ckpt["args"]["focal_size"] == 96
