@@ -38,6 +38,12 @@ Deviations and where the seed is silent (REFERENCE §3.6)
   - Not deviations, but unlike MAE: weight decay follows the official config (param_groups: no decay
     on CLS and mask tokens, decay on the heads' BatchNorm weights), and the heads' BatchNorm uses
     eps 1e-6 (official norm_cfg).
+  - Views are made in two halves (README "Input pipeline"): the data workers decode, crop and flip
+    each image and draw its colour parameters under the sample's own seed; the device applies colour
+    jitter, grayscale, blur and solarize to the whole batch (colour_augment(), device_views()), from
+    the same distributions as the official torchvision / PIL transforms (tests/test_views.py). The
+    blur is a true Gaussian (torchvision's GaussianBlur); the official code uses PIL's
+    ImageFilter.GaussianBlur, a box-filter approximation of it with radius = sigma.
 """
 # ---------------------------------------------------------------- imports
 import argparse
@@ -125,7 +131,9 @@ class Args:
     benchmark: bool = False
     """measure training speed instead of training: img/s, TFLOP/s and MFU on synthetic data already on the device"""
     benchmark_steps: int = 30
-    """timed steps for --benchmark (after 10 warm-up steps, which include compilation)"""
+    """timed steps for --benchmark (after 10 warm-up steps, which include compilation), or batches for --benchmark-data"""
+    benchmark_data: bool = False
+    """measure the input pipeline instead of training: img/s of the data loader with --num-workers workers (and per worker), then the device side of the views"""
     peak_tflops: float = 0.0
     """the device's peak TFLOP/s for MFU; 0 measures it with a large matmul in the training dtype"""
     # ==== CMAE specific ====
@@ -249,6 +257,12 @@ def build_encoder(args, **kwargs):
 # ==== SHARED: datasets, identical in every method file and in evaluate.py ====
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics, used by every method
+
+
+def normalize(x):
+    """Float images in [0, 1] -> (x - mean) / std per channel, on whatever device x is."""
+    mean, std = torch.tensor(MEAN, device=x.device), torch.tensor(STD, device=x.device)
+    return (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
 
 
 class DataError(Exception):
@@ -452,43 +466,148 @@ def end_workers():
 # ==== end SHARED ====
 
 
-def gaussian_blur(img_size, p):
-    """Blur with sigma ~ U(0.1, 2.0) at 224 px, applied with probability p; kernel (about 10% of the
-    side, 23 px at 224) and sigma scale with img_size."""
-    s = img_size / 224
-    return T.RandomApply([T.GaussianBlur(2 * round(0.05 * img_size) + 1, sigma=(0.1 * s, 2.0 * s))], p=p)
+# ==== SHARED: colour augmentation on the device, identical in every file with colour views ====
+# The data workers only decode, crop and flip (per image, in PIL) and draw each view's colour
+# parameters; the device then applies colour jitter, grayscale, blur and solarize to the whole batch
+# at once. Each sample keeps its own parameters, drawn from the same distributions as torchvision's
+# RandomApply(ColorJitter), RandomGrayscale, RandomApply(GaussianBlur) and RandomSolarize, and drawn
+# under the sample's own seed, so a run is the same with any number of workers or GPUs, and resumes
+# exactly. One view's parameters are a row of 13 numbers:
+#   [jitter on, brightness, contrast, saturation, hue, order of the 4 jitter ops (4), gray on, blur on,
+#    blur sigma, solarize on]
+@dataclass
+class Colour:
+    """One view's photometric recipe, in torchvision's terms."""
+    jitter: tuple = (0.4, 0.4, 0.4, 0.1)  # ColorJitter(brightness, contrast, saturation, hue)
+    jitter_p: float = 0.8                 # RandomApply([ColorJitter(...)], p)
+    gray_p: float = 0.2                   # RandomGrayscale(p)
+    blur_p: float = 0.0                   # RandomApply([GaussianBlur(sigma ~ U(0.1, 2.0) at 224 px)], p)
+    solarize_p: float = 0.0               # RandomSolarize(threshold 128 of 255, p)
+
+    def draw(self, img_size):
+        """This view's parameters for one image (CPU side, under the sample's seed): a (13,) tensor."""
+        b, c, s, h = self.jitter
+        u = torch.rand(8)
+        factors = [1 - b + 2 * b * u[0], 1 - c + 2 * c * u[1], 1 - s + 2 * s * u[2], -h + 2 * h * u[3]]
+        sigma = (0.1 + 1.9 * u[4]) * img_size / 224  # the blur scales with the image (23-px kernel at 224)
+        return torch.tensor([float(torch.rand(()) < self.jitter_p), *factors, *torch.randperm(4).tolist(),
+                             float(u[5] < self.gray_p), float(u[6] < self.blur_p), sigma, float(u[7] < self.solarize_p)])
+
+
+def gray(x):
+    """ITU-R 601-2 luma, as torchvision's rgb_to_grayscale: (B, 3, H, W) -> (B, 1, H, W)."""
+    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def blend(x, y, f):
+    """f x + (1 - f) y, clipped to [0, 1]; f is one factor per sample."""
+    return (f.view(-1, 1, 1, 1) * x + (1 - f.view(-1, 1, 1, 1)) * y).clamp(0, 1)
+
+
+def adjust_hue(x, shift):
+    """Rotate each pixel's hue by `shift` turns of the colour circle, keeping its HSV saturation and
+    value: RGB -> HSV, h <- (h + shift) mod 1, HSV -> RGB with f(n) = v - v s clip(min(k, 4 - k), 0, 1),
+    k = (n + 6 h) mod 6, n = 5, 3, 1 for R, G, B."""
+    r, g, b = x.unbind(1)
+    v, m = x.amax(dim=1), x.amin(dim=1)
+    chroma = v - m
+    c = torch.where(chroma > 0, chroma, torch.ones_like(chroma))        # no division by 0 for grays
+    h = torch.where(v == r, (g - b) / c, torch.where(v == g, 2 + (b - r) / c, 4 + (r - g) / c)) / 6
+    h = (h + shift.view(-1, 1, 1)) % 1.0
+    s = chroma / torch.where(v > 0, v, torch.ones_like(v))
+    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + 6 * h.unsqueeze(1)) % 6
+    return v.unsqueeze(1) - (v * s).unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)
+
+
+JITTER_OPS = [
+    lambda x, f: blend(x, torch.zeros_like(x), f),                               # brightness
+    lambda x, f: blend(x, gray(x).mean(dim=(1, 2, 3), keepdim=True), f),         # contrast: toward the mean gray
+    lambda x, f: blend(x, gray(x), f),                                           # saturation: toward the gray image
+    adjust_hue,                                                                  # hue
+]
+
+
+def gaussian_blur(x, sigma, kernel_size):
+    """Separable Gaussian blur, one sigma per sample: the kernel is exp(-t^2 / (2 sigma^2)) at
+    t = -(k-1)/2 ... (k-1)/2, normalised to sum 1, with reflected borders (as torchvision's)."""
+    B, C, H, W = x.shape
+    t = torch.arange(kernel_size, device=x.device, dtype=x.dtype) - (kernel_size - 1) / 2
+    kernel = torch.exp(-0.5 * (t / sigma.view(-1, 1)) ** 2)
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(C, dim=0)  # (B*C, k), one per channel
+    pad = kernel_size // 2
+    x = x.reshape(1, B * C, H, W)
+    x = F.conv2d(F.pad(x, (pad, pad, 0, 0), mode="reflect"), kernel.view(B * C, 1, 1, -1), groups=B * C)  # rows
+    x = F.conv2d(F.pad(x, (0, 0, pad, pad), mode="reflect"), kernel.view(B * C, 1, -1, 1), groups=B * C)  # columns
+    return x.view(B, C, H, W)
+
+
+def colour_augment(x, p, kernel_size):
+    """The device side of one view: x (B, 3, H, W) uint8 crops, p (B, 13) their parameters (Colour.draw)
+    -> (B, 3, H, W) float in [0, 1]. Every op is computed for the whole batch and kept where a sample
+    drew it (torch.where), so nothing waits on the GPU."""
+    x = x.float() / 255
+    on = lambda column: (p[:, column] > 0).view(-1, 1, 1, 1)
+    for position in range(4):  # ColorJitter applies its four ops in a random order per image
+        for op_index, op in enumerate(JITTER_OPS):
+            chosen = (p[:, 0] > 0) & (p[:, 5 + position] == op_index)
+            x = torch.where(chosen.view(-1, 1, 1, 1), op(x, p[:, 1 + op_index]), x)
+    x = torch.where(on(9), gray(x).expand_as(x), x)
+    if kernel_size > 1:
+        x = torch.where(on(10), gaussian_blur(x, p[:, 11], kernel_size), x)
+    return torch.where(on(12) & (x >= 128 / 255), 1 - x, x)  # solarize: invert the bright values
+
+
+def blur_kernel_size(img_size):
+    """About 10% of the image side, odd: 23 px at 224 (BYOL's), 5 px at 32."""
+    return 2 * round(0.05 * img_size) + 1
+
+
+class CropViews:
+    """The CPU side of several views of one image: each view's crop (and flip) as a uint8 tensor, and
+    a (views, 13) tensor of their colour parameters (zeros for a view without colour)."""
+
+    def __init__(self, img_size, crops, colours):
+        self.img_size, self.crops, self.colours = img_size, crops, colours
+
+    def __call__(self, img):
+        params = [c.draw(self.img_size) if c else torch.zeros(13) for c in self.colours]
+        return [crop(img) for crop in self.crops], torch.stack(params)
+# ==== end SHARED ====
 
 
 class PixelShiftViews:
     """Seed 001 "pixel shifting" (official ShiftPixel): one random resized crop (0.2, 1) of
     img_size + max_shift + 1 pixels (256 at 224) and a flip, shared by both views. The online view
     is its img_size crop at offset (0, 0), without colour augmentation; the target view is the crop
-    at a random offset (dy, dx), each in 0..max_shift, with colour jitter, grayscale and blur.
-    So the two views show the same content, misaligned by less than two patches."""
+    at a random offset (dy, dx), each in 0..max_shift, and gets colour jitter, grayscale and blur on
+    the device. So the two views show the same content, misaligned by less than two patches.
+    Returns ([online, target] uint8 crops, their (2, 13) colour parameters)."""
 
     def __init__(self, img_size, max_shift):
         self.size, self.max_shift = img_size, max_shift
         self.base = T.Compose([
             T.RandomResizedCrop(img_size + max_shift + 1, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
             T.RandomHorizontalFlip(),
+            T.PILToTensor(),
         ])
-        self.colour = T.Compose([
-            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-            T.RandomGrayscale(p=0.2),
-            gaussian_blur(img_size, p=0.5),
-        ])
-        self.finish = T.Compose([T.ToTensor(), T.Normalize(MEAN, STD)])
+        self.colour = Colour(jitter=(0.4, 0.4, 0.4, 0.1), blur_p=0.5)
 
     def __call__(self, img):
         base = self.base(img)
         dy, dx = torch.randint(0, self.max_shift + 1, (2,)).tolist()
-        online = T.functional.crop(base, 0, 0, self.size, self.size)
-        target = T.functional.crop(base, dy, dx, self.size, self.size)
-        return [self.finish(online), self.finish(self.colour(target))]
+        online = base[:, :self.size, :self.size]
+        target = base[:, dy:dy + self.size, dx:dx + self.size]
+        return [online, target], torch.stack([torch.zeros(13), self.colour.draw(self.size)])
 
 
 def train_transform(args):
     return PixelShiftViews(args.img_size, args.max_shift)
+
+
+def device_views(batch, args):
+    """The device side: the online view is only normalised; the target view gets its colour first."""
+    (online, target), params = batch
+    return [normalize(online.float() / 255), normalize(colour_augment(target, params[:, 1], blur_kernel_size(args.img_size)))]
 
 
 # ---------------------------------------------------------------- model
@@ -689,11 +808,12 @@ def lr_at(step, total_steps, warmup_steps, peak_lr, min_lr, start_lr=0.0):
     return min_lr + (peak_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def to_device(views, device):
-    """A batch is one view (B, 3, H, W) or a list of views; move it to the device without blocking."""
-    if isinstance(views, (list, tuple)):
-        return [v.to(device, non_blocking=True) for v in views]
-    return views.to(device, non_blocking=True)
+def to_device(batch, device):
+    """A batch is a tensor or a (nested) list of them (uint8 crops, colour parameters); move it to the
+    device without blocking."""
+    if isinstance(batch, (list, tuple)):
+        return [to_device(b, device) for b in batch]
+    return batch.to(device, non_blocking=True)
 
 
 def save_checkpoint(path, state):
@@ -771,6 +891,7 @@ class Logger:
     def __init__(self, run_dir, total_steps, batch_size, start_step):
         self.path, self.total, self.batch = os.path.join(run_dir, "log.jsonl"), total_steps, batch_size
         self.t0, self.step0 = time.perf_counter(), start_step  # the first window also counts start-up
+        self.waited = 0.0  # seconds spent waiting for the data loader in this window (added by batches())
         if os.path.exists(self.path):  # a resumed run: drop what was logged after its checkpoint, it is done again
             with open(self.path) as f:
                 lines = [line for line in f if line.endswith("}\n") and json.loads(line)["step"] <= start_step]
@@ -781,12 +902,15 @@ class Logger:
         now = time.perf_counter()
         ips = (step - self.step0) * self.batch / (now - self.t0)
         eta = (self.total - step) * self.batch / ips if ips > 0 else float("nan")
-        self.t0, self.step0 = now, step
+        wait = self.waited / (now - self.t0)  # the share of wall time the model waited for data
+        self.t0, self.step0, self.waited = now, step, 0.0
         eta_text = "--:--" if math.isnan(eta) else f"{int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}"
-        line = f"step {step:>7d}/{self.total} | epoch {epoch:>3d} | loss {loss:.4f} | lr {lr:.2e} | {ips:>6.0f} img/s | ETA {eta_text}"
+        line = (f"step {step:>7d}/{self.total} | epoch {epoch:>3d} | loss {loss:.4f} | lr {lr:.2e} | {ips:>6.0f} img/s | "
+                f"ETA {eta_text} | data wait {100 * wait:.0f}%")
         line += "".join(f" | {k} {v:.4g}" for k, v in extras.items())
         print(line, flush=True)
-        record = {"step": step, "epoch": epoch, "train/loss": loss, "train/lr": lr, "train/img_per_s": ips}
+        record = {"step": step, "epoch": epoch, "train/loss": loss, "train/lr": lr, "train/img_per_s": ips,
+                  "train/data_wait": wait}
         record.update({f"train/{k}": v for k, v in extras.items()})
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -816,6 +940,38 @@ def measure_peak_tflops(device, dtype):
         a @ b
     sync()
     return 2 * n**3 * reps / (time.perf_counter() - t) / 1e12
+
+
+def run_data_benchmark(args, loader, device, views_fn):
+    """The input pipeline alone: img/s of the loader's CPU side (decode, crops, flips, colour parameters)
+    with --num-workers workers, over --benchmark-steps batches after the workers' first batch; then the
+    device side (views_fn: colour and normalisation on the whole batch) on the same batches."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    batches, it = [], iter(loader)
+    next(it)  # start-up: the workers' first batch
+    t = time.perf_counter()
+    for _ in range(args.benchmark_steps):
+        batches.append(next(it)[0])  # the views; the labels are not used
+    loader_s = time.perf_counter() - t
+    batches = [to_device(b, device) for b in batches]
+    sync()
+    t = time.perf_counter()
+    for batch in batches:
+        views_fn(batch)
+    sync()
+    device_s = time.perf_counter() - t
+    n = args.benchmark_steps * args.batch_size
+    workers = max(args.num_workers, 1)
+    result = {"method": METHOD, "data": args.data, "img_size": args.img_size, "batch_size": args.batch_size,
+              "num_workers": args.num_workers, "loader_img_per_s": n / loader_s,
+              "loader_img_per_s_per_worker": n / loader_s / workers, "device": str(device),
+              "device_views_img_per_s": n / device_s, "device_views_ms_per_batch": 1000 * device_s / args.benchmark_steps}
+    print(f"benchmark-data | {args.data} at {args.img_size} px | batch {args.batch_size} | {args.num_workers} workers")
+    print(f"benchmark-data | loader (CPU side) {result['loader_img_per_s']:,.0f} img/s = "
+          f"{result['loader_img_per_s_per_worker']:,.0f} per worker | device side ({device}) "
+          f"{result['device_views_img_per_s']:,.0f} img/s, {result['device_views_ms_per_batch']:.1f} ms per batch")
+    print(json.dumps(result))
+    return result
 
 
 def run_benchmark(args, device, step_fn):
@@ -953,6 +1109,8 @@ def train(args):
                                          num_workers=args.num_workers, pin_memory=device.type == "cuda",
                                          persistent_workers=args.num_workers > 0, worker_init_fn=worker_ignores_signals,
                                          generator=torch.Generator().manual_seed(args.seed))  # keeps the global RNG (masks) untouched
+    if args.benchmark_data:
+        return run_data_benchmark(args, loader, device, lambda batch: device_views(batch, args))
     total_steps = args.steps or args.epochs * steps_per_epoch
     warmup_steps = round(total_steps * args.warmup_epochs / args.epochs)
     capped = warmup_steps > total_steps // 2  # e.g. --epochs 5 with a 10-epoch warm-up: the lr would never peak
@@ -985,9 +1143,16 @@ def train(args):
             "num_images": len(dataset), **encoders_to_save(model),
         })
 
-    def batches():  # the loader's batches; an unreadable image ends the run with a checkpoint of the steps done
+    def batches():  # the loader's batches, timing the wait for each; an unreadable image ends the run with a checkpoint
         try:
-            yield from loader
+            it = iter(loader)
+            while True:
+                t = time.perf_counter()
+                batch = next(it, None)
+                logger.waited += time.perf_counter() - t
+                if batch is None:
+                    return
+                yield batch
         except BadImage as e:
             checkpoint()
             raise BadImage(f"{error_line(e)}; saved a checkpoint at step {step}: replace or remove that file, then "
@@ -1015,7 +1180,7 @@ def train(args):
         for views, _ in batches():
             # 1-6. one CMAE step: mask, encode visible, decode pixels and features, EMA target, L_r + InfoNCE
             lr_now = lr_at(step, total_steps, warmup_steps, lr, args.min_lr)
-            loss, extras = train_step(to_device(views, device), lr_now, step / total_steps)
+            loss, extras = train_step(device_views(to_device(views, device), args), lr_now, step / total_steps)
             losses.append(loss)
             step += 1
 

@@ -204,6 +204,12 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics, used by every method
 
 
+def normalize(x):
+    """Float images in [0, 1] -> (x - mean) / std per channel, on whatever device x is."""
+    mean, std = torch.tensor(MEAN, device=x.device), torch.tensor(STD, device=x.device)
+    return (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+
+
 class DataError(Exception):
     """A problem to report as one line, without a traceback: bad input (a missing folder, a bad flag,
     a checkpoint of another method) or a run that diverged or collapsed."""

@@ -31,6 +31,8 @@ Deviations from the paper
     (64 patches, 16 visible), a 256-d x 4-block decoder (REFERENCE §1.6), 200 epochs.
   - Per-patch normalised targets are on by default (the released checkpoints use them; the
     official code's flag defaults to off). --no-norm-pix-loss gives plain pixels.
+  - The crop and flip are done by the data workers, which hand over uint8 crops; the device converts
+    and normalises them (device_views()), as the other files do with their colour augmentation.
 """
 # ---------------------------------------------------------------- imports
 import argparse
@@ -116,7 +118,9 @@ class Args:
     benchmark: bool = False
     """measure training speed instead of training: img/s, TFLOP/s and MFU on synthetic data already on the device"""
     benchmark_steps: int = 30
-    """timed steps for --benchmark (after 10 warm-up steps, which include compilation)"""
+    """timed steps for --benchmark (after 10 warm-up steps, which include compilation), or batches for --benchmark-data"""
+    benchmark_data: bool = False
+    """measure the input pipeline instead of training: img/s of the data loader with --num-workers workers (and per worker), then the device side of the views"""
     peak_tflops: float = 0.0
     """the device's peak TFLOP/s for MFU; 0 measures it with a large matmul in the training dtype"""
     # ==== MAE specific ====
@@ -222,6 +226,12 @@ def build_encoder(args, **kwargs):
 # ==== SHARED: datasets, identical in every method file and in evaluate.py ====
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics, used by every method
+
+
+def normalize(x):
+    """Float images in [0, 1] -> (x - mean) / std per channel, on whatever device x is."""
+    mean, std = torch.tensor(MEAN, device=x.device), torch.tensor(STD, device=x.device)
+    return (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
 
 
 class DataError(Exception):
@@ -426,14 +436,19 @@ def end_workers():
 
 
 def train_transform(args):
-    """MAE's only augmentation (App. A.1): random resized crop, scale (0.2, 1), bicubic, and a flip.
-    The paper's Tab. 1e: adding colour jitter hurts (linear 73.5 -> 71.9)."""
+    """MAE's only augmentation (App. A.1): random resized crop, scale (0.2, 1), bicubic, and a flip,
+    done per image by the data workers, which hand over uint8 crops (B, 3, H, W). The paper's
+    Tab. 1e: adding colour jitter hurts (linear 73.5 -> 71.9)."""
     return T.Compose([
         T.RandomResizedCrop(args.img_size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
         T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        T.Normalize(MEAN, STD),
+        T.PILToTensor(),
     ])
+
+
+def device_views(crops, args):
+    """The device side of MAE's view: uint8 crops -> normalised floats, on the whole batch at once."""
+    return normalize(crops.float() / 255)
 
 
 # ---------------------------------------------------------------- model
@@ -558,11 +573,12 @@ def lr_at(step, total_steps, warmup_steps, peak_lr, min_lr, start_lr=0.0):
     return min_lr + (peak_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def to_device(views, device):
-    """A batch is one view (B, 3, H, W) or a list of views; move it to the device without blocking."""
-    if isinstance(views, (list, tuple)):
-        return [v.to(device, non_blocking=True) for v in views]
-    return views.to(device, non_blocking=True)
+def to_device(batch, device):
+    """A batch is a tensor or a (nested) list of them (uint8 crops, colour parameters); move it to the
+    device without blocking."""
+    if isinstance(batch, (list, tuple)):
+        return [to_device(b, device) for b in batch]
+    return batch.to(device, non_blocking=True)
 
 
 def save_checkpoint(path, state):
@@ -640,6 +656,7 @@ class Logger:
     def __init__(self, run_dir, total_steps, batch_size, start_step):
         self.path, self.total, self.batch = os.path.join(run_dir, "log.jsonl"), total_steps, batch_size
         self.t0, self.step0 = time.perf_counter(), start_step  # the first window also counts start-up
+        self.waited = 0.0  # seconds spent waiting for the data loader in this window (added by batches())
         if os.path.exists(self.path):  # a resumed run: drop what was logged after its checkpoint, it is done again
             with open(self.path) as f:
                 lines = [line for line in f if line.endswith("}\n") and json.loads(line)["step"] <= start_step]
@@ -650,12 +667,15 @@ class Logger:
         now = time.perf_counter()
         ips = (step - self.step0) * self.batch / (now - self.t0)
         eta = (self.total - step) * self.batch / ips if ips > 0 else float("nan")
-        self.t0, self.step0 = now, step
+        wait = self.waited / (now - self.t0)  # the share of wall time the model waited for data
+        self.t0, self.step0, self.waited = now, step, 0.0
         eta_text = "--:--" if math.isnan(eta) else f"{int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}"
-        line = f"step {step:>7d}/{self.total} | epoch {epoch:>3d} | loss {loss:.4f} | lr {lr:.2e} | {ips:>6.0f} img/s | ETA {eta_text}"
+        line = (f"step {step:>7d}/{self.total} | epoch {epoch:>3d} | loss {loss:.4f} | lr {lr:.2e} | {ips:>6.0f} img/s | "
+                f"ETA {eta_text} | data wait {100 * wait:.0f}%")
         line += "".join(f" | {k} {v:.4g}" for k, v in extras.items())
         print(line, flush=True)
-        record = {"step": step, "epoch": epoch, "train/loss": loss, "train/lr": lr, "train/img_per_s": ips}
+        record = {"step": step, "epoch": epoch, "train/loss": loss, "train/lr": lr, "train/img_per_s": ips,
+                  "train/data_wait": wait}
         record.update({f"train/{k}": v for k, v in extras.items()})
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -685,6 +705,38 @@ def measure_peak_tflops(device, dtype):
         a @ b
     sync()
     return 2 * n**3 * reps / (time.perf_counter() - t) / 1e12
+
+
+def run_data_benchmark(args, loader, device, views_fn):
+    """The input pipeline alone: img/s of the loader's CPU side (decode, crops, flips, colour parameters)
+    with --num-workers workers, over --benchmark-steps batches after the workers' first batch; then the
+    device side (views_fn: colour and normalisation on the whole batch) on the same batches."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    batches, it = [], iter(loader)
+    next(it)  # start-up: the workers' first batch
+    t = time.perf_counter()
+    for _ in range(args.benchmark_steps):
+        batches.append(next(it)[0])  # the views; the labels are not used
+    loader_s = time.perf_counter() - t
+    batches = [to_device(b, device) for b in batches]
+    sync()
+    t = time.perf_counter()
+    for batch in batches:
+        views_fn(batch)
+    sync()
+    device_s = time.perf_counter() - t
+    n = args.benchmark_steps * args.batch_size
+    workers = max(args.num_workers, 1)
+    result = {"method": METHOD, "data": args.data, "img_size": args.img_size, "batch_size": args.batch_size,
+              "num_workers": args.num_workers, "loader_img_per_s": n / loader_s,
+              "loader_img_per_s_per_worker": n / loader_s / workers, "device": str(device),
+              "device_views_img_per_s": n / device_s, "device_views_ms_per_batch": 1000 * device_s / args.benchmark_steps}
+    print(f"benchmark-data | {args.data} at {args.img_size} px | batch {args.batch_size} | {args.num_workers} workers")
+    print(f"benchmark-data | loader (CPU side) {result['loader_img_per_s']:,.0f} img/s = "
+          f"{result['loader_img_per_s_per_worker']:,.0f} per worker | device side ({device}) "
+          f"{result['device_views_img_per_s']:,.0f} img/s, {result['device_views_ms_per_batch']:.1f} ms per batch")
+    print(json.dumps(result))
+    return result
 
 
 def run_benchmark(args, device, step_fn):
@@ -818,6 +870,8 @@ def train(args):
                                          num_workers=args.num_workers, pin_memory=device.type == "cuda",
                                          persistent_workers=args.num_workers > 0, worker_init_fn=worker_ignores_signals,
                                          generator=torch.Generator().manual_seed(args.seed))  # keeps the global RNG (masks) untouched
+    if args.benchmark_data:
+        return run_data_benchmark(args, loader, device, lambda batch: device_views(batch, args))
     total_steps = args.steps or args.epochs * steps_per_epoch
     warmup_steps = round(total_steps * args.warmup_epochs / args.epochs)
     capped = warmup_steps > total_steps // 2  # e.g. --epochs 5 with a 10-epoch warm-up: the lr would never peak
@@ -850,9 +904,16 @@ def train(args):
             "num_images": len(dataset), **encoders_to_save(model),
         })
 
-    def batches():  # the loader's batches; an unreadable image ends the run with a checkpoint of the steps done
+    def batches():  # the loader's batches, timing the wait for each; an unreadable image ends the run with a checkpoint
         try:
-            yield from loader
+            it = iter(loader)
+            while True:
+                t = time.perf_counter()
+                batch = next(it, None)
+                logger.waited += time.perf_counter() - t
+                if batch is None:
+                    return
+                yield batch
         except BadImage as e:
             checkpoint()
             raise BadImage(f"{error_line(e)}; saved a checkpoint at step {step}: replace or remove that file, then "
@@ -880,7 +941,7 @@ def train(args):
         for views, _ in batches():
             # 1-4. one MAE step: mask, encode visible, decode all, MSE on masked patches
             lr_now = lr_at(step, total_steps, warmup_steps, lr, args.min_lr)
-            loss, extras = train_step(to_device(views, device), lr_now, step / total_steps)
+            loss, extras = train_step(device_views(to_device(views, device), args), lr_now, step / total_steps)
             losses.append(loss)
             step += 1
 

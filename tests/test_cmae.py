@@ -29,14 +29,13 @@ def coordinate_image(size):
 
 def test_pixel_shift_offsets_in_range_and_views_aligned():
     views = cmae.PixelShiftViews(img_size=32, max_shift=7)
-    views.base = T.Lambda(lambda im: im)          # keep the image as it is: 40 x 40 = 32 + 7 + 1
-    views.colour = T.Lambda(lambda im: im)        # no colour change, so pixel values stay coordinates
-    views.finish = T.PILToTensor()
-    img = coordinate_image(40)
+    views.base = T.PILToTensor()                  # keep the image as it is: 40 x 40 = 32 + 7 + 1
+    img = coordinate_image(40)                    # colour comes later, on the device: values stay coordinates
     shifts = set()
     for seed in range(200):
         torch.manual_seed(seed)
-        online, target = views(img)
+        (online, target), params = views(img)
+        assert online.dtype == torch.uint8 and params.shape == (2, 13) and not params[0].any()  # online: no colour
         assert online.shape == target.shape == (3, 32, 32)
         assert online[0, 0, 0] == 0 and online[1, 0, 0] == 0       # the online view sits at offset (0, 0)
         dx, dy = int(target[0, 0, 0]) // 4, int(target[1, 0, 0]) // 4

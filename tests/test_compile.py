@@ -48,7 +48,7 @@ def test_compiled_bf16_training_is_one_graph_and_matches_eager_fp32(tmp_path, ao
     compiled = train_losses(module, [*argv, "--compile", "--amp"], tmp_path, "compiled")
     assert aot_eager["stats"]["unique_graphs"] == 1  # the whole training forward in one graph, kept for step 2 and 3
     assert not aot_eager["graph_break"]
-    assert compiled == pytest.approx(eager, rel=2e-3, abs=5e-3)  # bf16 rounding only
+    assert compiled == pytest.approx(eager, rel=4e-3, abs=5e-3)  # bf16 rounding only (8-bit mantissa: 2^-8 = 0.4%)
     state = torch.load(tmp_path / "compiled" / "checkpoint.pt", weights_only=True)
     assert state["args"]["compile"] and state["args"]["amp"]
     assert not any("_orig_mod" in k for k in state["model"])  # saved from the uncompiled module

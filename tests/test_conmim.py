@@ -29,12 +29,17 @@ def test_unit_mask_counts_and_cells():
 
 def test_both_views_share_one_crop():
     views = conmim.SharedCropViews(32)
-    views.strong = T.Lambda(lambda im: im)   # without the photometric part the two views are identical
     img = T.functional.to_pil_image(torch.rand(3, 48, 48))
+    args = conmim.Args(img_size=32)
     for seed in range(5):
         torch.manual_seed(seed)
-        online, strong = views(img)
-        assert online.shape == (3, 32, 32) and torch.equal(online, strong)
+        crop, params = views(img)                # one crop; the strong view's colour is drawn, applied on the device
+        assert crop.shape == (3, 32, 32) and crop.dtype == torch.uint8 and params.shape == (13,)
+        off = torch.zeros(1, 13)                 # without the photometric part the two views are identical
+        online, strong = conmim.device_views((crop[None], off), args)
+        assert torch.equal(online, strong)
+        online, strong = conmim.device_views((crop[None], params[None]), args)
+        assert torch.equal(online, conmim.normalize(crop[None].float() / 255))
 
 
 def test_loss_equals_hand_computation_at_masked_positions_only():

@@ -31,8 +31,10 @@ def test_patch_drop_keeps_the_right_tokens():
 
 
 def test_views_and_focal_anchors_use_an_interpolated_position_table():
-    views = msn.MSNViews(img_size=32, focal_size=16, focal_views=10)
-    out = views(Image.new("RGB", (40, 40), (120, 30, 200)))
+    args = msn.Args(img_size=32, patch_size=4, focal_size=16, focal_views=10)
+    crops, params = msn.train_transform(args)(Image.new("RGB", (40, 40), (120, 30, 200)))
+    assert params.shape == (12, 13)
+    out = [v[0] for v in msn.device_views(([c[None] for c in crops], params[None]), args)]
     assert len(out) == 12 and out[0].shape == out[1].shape == (3, 32, 32)
     assert all(v.shape == (3, 16, 16) for v in out[2:])
     model = small_msn()

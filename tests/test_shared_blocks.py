@@ -27,6 +27,20 @@ def test_template_has_its_shared_blocks():
     assert len(names) >= 7
 
 
+def test_blocks_that_mae_lacks_are_identical_wherever_they_are():
+    """The colour block (device-side augmentation) is in every method file with colour views."""
+    found = {}
+    for f in METHOD_FILES:
+        for name, text in shared_blocks(f).items():
+            if name not in shared_blocks("mae.py"):
+                found.setdefault(name, []).append((f, text))
+    assert "colour augmentation on the device" in found
+    assert len(found["colour augmentation on the device"]) == 6  # all but mae.py
+    for name, copies in found.items():
+        for f, text in copies:
+            assert text == copies[0][1], f"{f}: SHARED block {name!r} differs from {copies[0][0]}"
+
+
 @pytest.mark.parametrize("other", [f for f in METHOD_FILES if f != "mae.py"] + ["evaluate.py"])
 def test_shared_blocks_are_identical(other):
     template, blocks = shared_blocks("mae.py"), shared_blocks(other)
@@ -40,7 +54,7 @@ def test_shared_blocks_are_identical(other):
 # functions a file copies from another method file, with the same name and the same text
 COPIES = {
     "grafting.py": {"mae": ["random_masking", "MAEDecoder", "mae_loss"],
-                    "moco": ["mlp", "momentum_at", "contrastive_loss", "moco_loss", "gaussian_blur"]},
+                    "moco": ["mlp", "momentum_at", "contrastive_loss", "moco_loss"]},
     "cmae.py": {"mae": ["MAEDecoder", "mae_loss"]},
 }
 
@@ -55,3 +69,12 @@ def test_copied_functions_are_identical(copy):
         for name in names:
             assert inspect.getsource(getattr(module, name)) == inspect.getsource(getattr(original, name)), \
                 f"{copy}: {name} differs from {source}.py"
+
+
+def test_grafting_uses_moco_v3_views():
+    import grafting
+    import moco
+    import dataclasses
+    assert [dataclasses.astuple(c) for c in grafting.MOCO_COLOURS] == [dataclasses.astuple(c) for c in moco.MOCO_COLOURS]
+    args = grafting.Args(img_size=32, mode="graft")
+    assert [str(c) for c in grafting.train_transform(args).crops] == [str(c) for c in moco.train_transform(args).crops]
