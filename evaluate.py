@@ -375,22 +375,35 @@ class Augmented(torch.utils.data.Dataset):
 
 class EpochSampler(torch.utils.data.Sampler):
     """Shuffles with a generator seeded by (seed, epoch) and yields (index, augmentation seed).
-    set_epoch(epoch, skip) starts an epoch, skipping the first `skip` samples (those done before a resume)."""
+    set_epoch(epoch, skip) starts an epoch, skipping the first `skip` samples (those done before a resume).
+    On many GPUs (world > 1) each global batch of batch_size x world samples is split in rank order
+    and this rank yields its part, so the global batch of a step holds the same images with the same
+    augmentation seeds whatever the number of GPUs."""
 
-    def __init__(self, n, seed):
+    def __init__(self, n, seed, batch_size=0, rank=0, world=1):
         self.n, self.seed, self.epoch, self.skip = n, seed, 0, 0
+        self.batch, self.rank, self.world = batch_size, rank, world
 
     def set_epoch(self, epoch, skip=0):
         self.epoch, self.skip = epoch, skip
 
     def __len__(self):
-        return self.n - self.skip
+        if self.world == 1:
+            return self.n - self.skip
+        whole = self.n // (self.batch * self.world) * self.batch * self.world
+        return (whole - self.skip) // self.world
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.n, generator=g).tolist()
         seeds = torch.randint(0, 2**62, (self.n,), generator=g).tolist()
-        yield from zip(order[self.skip:], seeds[self.skip:])
+        if self.world == 1:
+            yield from zip(order[self.skip:], seeds[self.skip:])
+            return
+        step = self.batch * self.world  # one global batch
+        for start in range(self.skip, self.n // step * step, step):
+            mine = slice(start + self.rank * self.batch, start + (self.rank + 1) * self.batch)
+            yield from zip(order[mine], seeds[mine])
 
 
 def worker_ignores_signals(worker_id):

@@ -33,6 +33,12 @@ Deviations from the paper
     official code's flag defaults to off). --no-norm-pix-loss gives plain pixels.
   - The crop and flip are done by the data workers, which hand over uint8 crops; the device converts
     and normalises them (device_views()), as the other files do with their colour augmentation.
+
+Many GPUs (torchrun; README "Many GPUs")
+  - Data parallel only: each GPU takes its share of the global batch, DDP averages the gradients.
+    The loss is a mean over each image's own patches, so nothing else crosses GPUs (official
+    main_pretrain.py: DDP and a DistributedSampler). The masks are drawn for the global batch, each
+    rank keeping its rows, so they do not depend on the number of GPUs     -> random_masking(), global_rand()
 """
 # ---------------------------------------------------------------- imports
 import argparse
@@ -53,6 +59,7 @@ import typing
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torchvision
 import torchvision.transforms as T
@@ -84,7 +91,7 @@ class Args:
     steps: int = 0
     """total optimizer steps; if set, overrides --epochs and the schedule is compressed into these steps"""
     batch_size: int | None = None
-    """images per step (paper: 4096 over many GPUs)"""
+    """images per step and GPU: the global batch is this times the number of GPUs (torchrun), and the lr rule uses it (paper: 4096 over many GPUs)"""
     blr: float | None = None
     """base learning rate: the lr at batch 256. Effective lr = blr * batch-size / 256 (printed at start)"""
     min_lr: float | None = None
@@ -399,22 +406,35 @@ class Augmented(torch.utils.data.Dataset):
 
 class EpochSampler(torch.utils.data.Sampler):
     """Shuffles with a generator seeded by (seed, epoch) and yields (index, augmentation seed).
-    set_epoch(epoch, skip) starts an epoch, skipping the first `skip` samples (those done before a resume)."""
+    set_epoch(epoch, skip) starts an epoch, skipping the first `skip` samples (those done before a resume).
+    On many GPUs (world > 1) each global batch of batch_size x world samples is split in rank order
+    and this rank yields its part, so the global batch of a step holds the same images with the same
+    augmentation seeds whatever the number of GPUs."""
 
-    def __init__(self, n, seed):
+    def __init__(self, n, seed, batch_size=0, rank=0, world=1):
         self.n, self.seed, self.epoch, self.skip = n, seed, 0, 0
+        self.batch, self.rank, self.world = batch_size, rank, world
 
     def set_epoch(self, epoch, skip=0):
         self.epoch, self.skip = epoch, skip
 
     def __len__(self):
-        return self.n - self.skip
+        if self.world == 1:
+            return self.n - self.skip
+        whole = self.n // (self.batch * self.world) * self.batch * self.world
+        return (whole - self.skip) // self.world
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.n, generator=g).tolist()
         seeds = torch.randint(0, 2**62, (self.n,), generator=g).tolist()
-        yield from zip(order[self.skip:], seeds[self.skip:])
+        if self.world == 1:
+            yield from zip(order[self.skip:], seeds[self.skip:])
+            return
+        step = self.batch * self.world  # one global batch
+        for start in range(self.skip, self.n // step * step, step):
+            mine = slice(start + self.rank * self.batch, start + (self.rank + 1) * self.batch)
+            yield from zip(order[mine], seeds[mine])
 
 
 def worker_ignores_signals(worker_id):
@@ -432,6 +452,117 @@ def end_workers():
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # their end is expected, not a worker failure
     for worker in multiprocessing.active_children():
         worker.kill()
+# ==== end SHARED ====
+
+
+# ---------------------------------------------------------------- many GPUs
+# ==== SHARED: many GPUs (torchrun), identical in every method file ====
+RANK, WORLD = 0, 1  # this process's rank and the number of processes: (0, 1) without torchrun
+
+
+def init_distributed(device):
+    """Under torchrun (which sets RANK, WORLD_SIZE and LOCAL_RANK): one process per GPU, each on its
+    own GPU, joined by NCCL (gloo on the CPU). A plain `python file.py` starts no process group.
+    Returns the device of this process."""
+    global RANK, WORLD
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return device
+    RANK, WORLD = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    atexit.register(dist.destroy_process_group)  # a clean exit for NCCL / gloo
+    if RANK > 0:  # one voice: only rank 0 prints, logs and writes files (errors still reach stderr)
+        sys.stdout = open(os.devnull, "w")
+    return device
+
+
+class AllReduceSum(torch.autograd.Function):
+    """x summed over all ranks. The backward pass sums the gradient over the ranks as well: every
+    rank's loss depends on the sum, so each rank's own x gets the gradient of all the ranks' losses."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def all_reduce_sum(x):
+    """A statistic of the global batch from this rank's part of it (differentiable, see AllReduceSum)."""
+    return AllReduceSum.apply(x) if WORLD > 1 else x
+
+
+def all_gather(x):
+    """Every rank's rows of x, in rank order: (B, ...) -> (WORLD * B, ...), without gradient (the
+    official concat_all_gather): this rank's rows sit at RANK * B ... RANK * B + B - 1."""
+    if WORLD == 1:
+        return x
+    rows = [torch.empty_like(x) for _ in range(WORLD)]
+    dist.all_gather(rows, x.contiguous())
+    return torch.cat(rows)
+
+
+def global_rand(batch, *shape, device=None):
+    """Uniform noise (for masks) for this rank's `batch` rows of the global batch. Every rank draws
+    the whole global batch's noise from the same RNG state and keeps its own rows, so a sample's mask
+    is the same whatever the number of GPUs."""
+    return torch.rand(batch * WORLD, *shape, device=device)[RANK * batch:(RANK + 1) * batch]
+
+
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d over the global batch (the official code's SyncBatchNorm, written so that it also
+    runs on the CPU): in training, the mean and the variance are those of all ranks' rows together,
+    summed over ranks (all_reduce_sum). On one process it is nn.BatchNorm1d."""
+
+    def forward(self, x):
+        if WORLD == 1 or not self.training:
+            return super().forward(x)
+        n = x.shape[0] * WORLD
+        xf = x.float()
+        mean = all_reduce_sum(xf.sum(dim=0)) / n
+        var = all_reduce_sum(((xf - mean) ** 2).sum(dim=0)) / n  # biased, as BatchNorm normalises
+        with torch.no_grad():  # the running statistics of one large batch (unbiased variance)
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * n / (n - 1), self.momentum)
+        y = (xf - mean) / torch.sqrt(var + self.eps)
+        if self.affine:
+            y = y * self.weight + self.bias
+        return y.to(x.dtype)
+
+
+def distribute(model, device):
+    """DistributedDataParallel around the model: after each backward pass, the gradients of its
+    trainable parameters are averaged over the ranks. On one process: the model itself."""
+    if WORLD == 1:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
+def rank_mean(x):
+    """The mean of a tensor over the ranks (for logging: the loss of the global batch)."""
+    if WORLD == 1:
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x)
+    return x / WORLD
+
+
+def sync_stop(stop, device):
+    """A signal that reached any rank stops every rank after the same step."""
+    if WORLD > 1:
+        flag = torch.tensor([float(bool(stop))], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and not stop:
+            stop.append("another rank")
 # ==== end SHARED ====
 
 
@@ -462,7 +593,7 @@ def random_masking(x, mask_ratio, noise=None, n_keep=None):
     B, N, D = x.shape
     n_keep = int(N * (1 - mask_ratio)) if n_keep is None else n_keep
     if noise is None:
-        noise = torch.rand(B, N, device=x.device)     # (B, N) uniform noise per patch
+        noise = global_rand(B, N, device=x.device)    # (B, N) uniform noise per patch
     ids_shuffle = noise.argsort(dim=1)                # shuffle: patches with small noise come first
     ids_restore = ids_shuffle.argsort(dim=1)          # inverse permutation: argsort of a permutation
     ids_keep = ids_shuffle[:, :n_keep]                # keep the first part of the shuffled list
@@ -620,6 +751,12 @@ def make_run_dir(args):
     raise DataError(f"cannot find a free run folder name for {name} in {args.out_dir}")
 
 
+def param_names(model, optimizer):
+    """The names of the optimizer's parameters, group by group: what its state's indices refer to."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    return [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
+
+
 def load_checkpoint(path):
     if os.path.isdir(path):
         path = os.path.join(path, "checkpoint.pt")
@@ -657,7 +794,7 @@ class Logger:
         self.path, self.total, self.batch = os.path.join(run_dir, "log.jsonl"), total_steps, batch_size
         self.t0, self.step0 = time.perf_counter(), start_step  # the first window also counts start-up
         self.waited = 0.0  # seconds spent waiting for the data loader in this window (added by batches())
-        if os.path.exists(self.path):  # a resumed run: drop what was logged after its checkpoint, it is done again
+        if RANK == 0 and os.path.exists(self.path):  # a resumed run: drop what was logged after its checkpoint
             with open(self.path) as f:
                 lines = [line for line in f if line.endswith("}\n") and json.loads(line)["step"] <= start_step]
             with open(self.path, "w") as f:
@@ -677,13 +814,15 @@ class Logger:
         record = {"step": step, "epoch": epoch, "train/loss": loss, "train/lr": lr, "train/img_per_s": ips,
                   "train/data_wait": wait}
         record.update({f"train/{k}": v for k, v in extras.items()})
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if RANK == 0:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
 
 
 def check_finite(losses, first_step):
-    """Stop with the exact step at which the loss stopped being finite (checked once per log window)."""
-    values = torch.stack(losses).float().cpu()
+    """Stop with the exact step at which the loss stopped being finite (checked once per log window);
+    on many GPUs the losses are the global batch's, so every rank stops at the same step."""
+    values = rank_mean(torch.stack(losses).float()).cpu()
     bad = (~torch.isfinite(values)).nonzero()
     if len(bad):
         step = first_step + int(bad[0])
@@ -822,6 +961,7 @@ def train(args):
         raise DataError(f"unknown --device {args.device!r}; use 'cuda', 'cuda:N' or 'cpu'")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DataError("--device cuda was asked for but no GPU is visible; use --device cpu")
+    device = init_distributed(device)  # under torchrun: this rank's GPU, and the process group
     if args.amp is None:  # "auto": bf16 autocast and torch.compile on with CUDA, off on the CPU unless asked for
         args.amp = device.type == "cuda"
     if args.compile is None:
@@ -834,10 +974,11 @@ def train(args):
     encoder = build_encoder(args)
     model = MAE(encoder, args.decoder_dim, args.decoder_depth, args.decoder_heads, args.mask_ratio,
                 args.norm_pix_loss).to(device)
-    lr = args.blr * args.batch_size / 256  # the paper's linear scaling rule
+    lr = args.blr * args.batch_size * WORLD / 256  # the paper's linear scaling rule
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, betas=(0.9, 0.95),
                                   fused=device.type == "cuda")
-    train_model = torch.compile(model) if args.compile else model  # checkpoints save `model`, never `train_model`
+    train_model = distribute(model, device)  # DDP on many GPUs; checkpoints save `model`, never `train_model`
+    train_model = torch.compile(train_model) if args.compile else train_model
 
     def train_step(views, lr_now, progress, eager=False):
         """One optimizer step on a batch already on the device, at lr_now and at `progress` (0 to 1)
@@ -853,8 +994,8 @@ def train(args):
 
     print(f"{METHOD} | recipe {recipe} | ViT-{args.model_dims or args.model}/{args.patch_size} at {args.img_size} px "
           f"({sum(p.numel() for p in encoder.parameters()) / 1e6:.1f} M encoder, "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M total) | batch {args.batch_size} | "
-          f"lr {lr:.2e} (blr {args.blr:.2e} x {args.batch_size}/256) | wd {args.weight_decay} | "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M total) | batch {WORLD * args.batch_size} = {WORLD} x {args.batch_size} | "
+          f"lr {lr:.2e} (blr {args.blr:.2e} x {args.batch_size * WORLD}/256) | wd {args.weight_decay} | "
           f"{device} bf16={args.amp} compile={args.compile}")
     if args.benchmark:
         images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
@@ -862,10 +1003,11 @@ def train(args):
 
     # ==== SHARED: data loader, schedule length, resume, identical in every method file ====
     dataset = Augmented(build_dataset(args.data, "train", args.img_size), train_transform(args))
-    steps_per_epoch = len(dataset) // args.batch_size
+    global_batch = args.batch_size * WORLD  # --batch-size is per GPU
+    steps_per_epoch = len(dataset) // global_batch
     if steps_per_epoch == 0:
-        raise DataError(f"{args.data} has {len(dataset)} images, fewer than one batch of {args.batch_size}")
-    sampler = EpochSampler(len(dataset), args.seed)
+        raise DataError(f"{args.data} has {len(dataset)} images, fewer than one batch of {global_batch}")
+    sampler = EpochSampler(len(dataset), args.seed, args.batch_size, RANK, WORLD)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
                                          num_workers=args.num_workers, pin_memory=device.type == "cuda",
                                          persistent_workers=args.num_workers > 0, worker_init_fn=worker_ignores_signals,
@@ -886,23 +1028,30 @@ def train(args):
         if resumed.get("num_images", len(dataset)) != len(dataset):
             print(f"warning: {args.data} now has {len(dataset)} images, the run started with {resumed['num_images']}: "
                   "from here on the samples are drawn from the changed data set, in a different order")
-    run_dir = os.path.dirname(args.resume) if args.resume else make_run_dir(args)
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump(dataclasses.asdict(args), f, indent=1)
-    with open(os.path.join(run_dir, f"{METHOD}.py"), "w") as f:  # the code that produced this run
-        f.write(open(__file__).read())
+    run_dir = os.path.dirname(args.resume) if args.resume else make_run_dir(args) if RANK == 0 else None
+    if WORLD > 1:  # the folder rank 0 made
+        run_dir = [run_dir]
+        dist.broadcast_object_list(run_dir)
+        run_dir = run_dir[0]
+    if RANK == 0:
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump(dict(dataclasses.asdict(args), world_size=WORLD), f, indent=1)
+        with open(os.path.join(run_dir, f"{METHOD}.py"), "w") as f:  # the code that produced this run
+            f.write(open(__file__).read())
     ckpt_path = os.path.join(run_dir, "checkpoint.pt")
     print(f"{len(dataset)} images | {steps_per_epoch} steps/epoch | {total_steps} steps "
           f"({total_steps / steps_per_epoch:.1f} epochs, warm-up {warmup_steps}{' = half the run' if capped else ''}) | "
           f"writing to {run_dir}")
 
-    def checkpoint():
-        save_checkpoint(ckpt_path, {
-            "method": METHOD, "args": dataclasses.asdict(args), "step": step,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state(device),
-            "encoder": model.encoder.state_dict(), "encoder_config": model.encoder.config,
-            "num_images": len(dataset), **encoders_to_save(model),
-        })
+    def checkpoint():  # rank 0 writes it; every rank holds the same weights
+        if RANK == 0:
+            save_checkpoint(ckpt_path, {
+                "method": METHOD, "args": dataclasses.asdict(args), "step": step,
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state(device),
+                "encoder": model.encoder.state_dict(), "encoder_config": model.encoder.config,
+                "num_images": len(dataset), "optimizer_param_names": param_names(model, optimizer),
+                **encoders_to_save(model),
+            })
 
     def batches():  # the loader's batches, timing the wait for each; an unreadable image ends the run with a checkpoint
         try:
@@ -926,7 +1075,7 @@ def train(args):
         print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step (Ctrl-C again to quit now)", flush=True)
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, request_stop)
-    logger, losses, window_start, last_save = Logger(run_dir, total_steps, args.batch_size, step), [], step, time.monotonic()
+    logger, losses, window_start, last_save = Logger(run_dir, total_steps, global_batch, step), [], step, time.monotonic()
     end_step = min(total_steps, step + args.stop_after) if args.stop_after else total_steps
     # ==== end SHARED ====
 
@@ -937,7 +1086,7 @@ def train(args):
 
     while step < end_step and not stop:
         epoch = step // steps_per_epoch
-        sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * args.batch_size)
+        sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * global_batch)
         for views, _ in batches():
             # 1-4. one MAE step: mask, encode visible, decode all, MSE on masked patches
             lr_now = lr_at(step, total_steps, warmup_steps, lr, args.min_lr)
@@ -946,9 +1095,10 @@ def train(args):
             step += 1
 
             # ==== SHARED: logging and checkpoints inside the loop, identical in every method file ====
+            sync_stop(stop, device)
             if step % args.log_every == 0 or step == end_step:
                 mean_loss = check_finite(losses, window_start + 1)
-                logger.log(step, epoch, mean_loss, lr_now, {k: v.item() for k, v in extras.items()})
+                logger.log(step, epoch, mean_loss, lr_now, {k: rank_mean(v).item() for k, v in extras.items()})
                 losses, window_start = [], step
             if time.monotonic() - last_save > 60 * args.save_minutes or step == end_step or stop:
                 checkpoint()
@@ -957,7 +1107,7 @@ def train(args):
                 break
             # ==== end SHARED ====
 
-        if args.vis_every and (step % (args.vis_every * steps_per_epoch) == 0 or step == total_steps):
+        if args.vis_every and RANK == 0 and (step % (args.vis_every * steps_per_epoch) == 0 or step == total_steps):
             save_reconstructions(model, vis_images, os.path.join(run_dir, f"reconstruction_step{step:07d}.png"))
 
     print(f"{'stopped' if step < total_steps else 'finished'} at step {step}/{total_steps}; checkpoint: {ckpt_path}")
