@@ -1191,7 +1191,12 @@ def run_data_benchmark(args, loader, device, views_fn):
     with --num-workers workers, over --benchmark-steps batches after the workers' first batch; then the
     device side (views_fn: colour and normalisation on the whole batch) on the same batches."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    batches, it = [], iter(loader)
+
+    def epochs():  # as many epochs as the measurement needs (a small folder may hold only a few batches)
+        for epoch in range(10**9):
+            loader.sampler.set_epoch(epoch)
+            yield from loader
+    batches, it = [], epochs()
     next(it)  # start-up: the workers' first batch
     t = time.perf_counter()
     for _ in range(args.benchmark_steps):
