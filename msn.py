@@ -342,15 +342,22 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         path, label = self.samples[i]
-        try:
-            with open(path, "rb") as f:
-                from PIL import Image  # torchvision depends on Pillow
-                img = Image.open(f)
-                if img.mode.startswith("I"):  # 16-bit grayscale: scale to 8 bits (convert() alone clips at 255)
-                    img = img.convert("I").point(lambda v: v / 256).convert("L")
-                return img.convert("RGB"), label  # grayscale and RGBA become RGB
-        except Exception as e:
-            raise BadImage(f"cannot read image {path}: {e}") from None
+        return read_image(path), label
+
+
+def read_image(path):
+    """An image file as an RGB PIL image: grayscale and RGBA become RGB, 16-bit grayscale is scaled to
+    8 bits (convert() alone would clip it at 255); an RGB image is used as decoded, without a copy."""
+    try:
+        with open(path, "rb") as f:
+            from PIL import Image  # torchvision depends on Pillow
+            img = Image.open(f)
+            img.load()
+            if img.mode.startswith("I"):
+                img = img.convert("I").point(lambda v: v / 256).convert("L")
+            return img if img.mode == "RGB" else img.convert("RGB")
+    except Exception as e:
+        raise BadImage(f"cannot read image {path}: {e}") from None
 
 
 class FakeImages(torch.utils.data.Dataset):
