@@ -17,7 +17,7 @@ Run:
 Expected result of the default run: not yet measured on a GPU (see README.md for measured runs).
 
 Paper -> code (seed 001; the official code where the seed stops)
-  1. "pixel shifting": one crop, the target view shifted by a few pixels + colour -> PixelShiftViews
+  1. "pixel shifting": one crop, the target view shifted by a few pixels + colour -> PixelShiftViews, device_views()
   2. masking 65% in units of 2x2 patches; the encoder sees visible patches only   -> unit_noise(), random_masking()
   3. online encoder F_s + pixel decoder G_p (= MAE's decoder), MSE on masked patches -> MAEDecoder, mae_loss()
   4. feature decoder G_f (same class, own weights, 2 blocks), mean-pooled, then

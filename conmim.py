@@ -16,7 +16,7 @@ Run:
 Expected result of the default run: not yet measured on a GPU (see README.md for measured runs).
 
 Paper -> code (seed 002, second paper, and its pseudocode)
-  1. one shared crop; "stronger augmentations for the full image" (slow branch)   -> SharedCropViews
+  1. one shared crop; "stronger augmentations for the full image" (slow branch)   -> SharedCropViews, device_views()
   2. random masking 75% on 2x2-patch units, [mask] token after the patch embedding -> unit_mask(), ConMIM.forward()
   3. f: the ViT on all positions, then a projector on every token                  -> ConMIM.forward(), mlp()
   4. f_slow: EMA of f and projector, 0.996 -> 1 by cosine, no gradient             -> ConMIM.momentum_update(), momentum_at()

@@ -23,7 +23,7 @@ Paper -> code
   3. Sec. 3 "MAE decoder": linear projection, [mask] tokens, own positions -> MAEDecoder
   4. Sec. 3 "Reconstruction target": MSE on masked patches, normalised pixels -> mae_loss()
   5. Sec. 4 / App. A.1 recipe: AdamW (0.9, 0.95), wd 0.05, blr 1.5e-4, warm-up + cosine -> RECIPES, lr_at()
-  6. App. A.1 augmentation: random resized crop (0.2, 1) + flip, no colour  -> train_transform()
+  6. App. A.1 augmentation: random resized crop (0.2, 1) + flip, no colour  -> train_transform(), device_views()
 
 Deviations from the paper
   - One GPU: batch 256 instead of 4096; the lr follows the paper's rule lr = blr * batch / 256.

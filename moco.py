@@ -16,7 +16,7 @@ Run:
 Expected result of the default run: not yet measured on a GPU (see README.md for measured runs).
 
 Paper -> code
-  1. Sec. 3 / BYOL augmentation: two asymmetric views (blur on one, solarize on the other) -> train_transform()
+  1. Sec. 3 / BYOL augmentation: two asymmetric views (blur on one, solarize on the other) -> train_transform(), device_views()
   2. Alg. 1 f_q = backbone + projection MLP + prediction MLP, BN in the heads      -> mlp(), MoCo
   3. Alg. 1 f_k = momentum copy of backbone + projector, updated before the keys   -> MoCo.momentum_update()
      m from 0.99 to 1 by a half-cosine (official --moco-m-cos)                     -> momentum_at()

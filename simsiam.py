@@ -16,7 +16,7 @@ Run:
 Expected result of the default run: not yet measured on a GPU (see README.md for measured runs).
 
 Paper -> code
-  1. Alg. 1 "x1, x2 = aug(x), aug(x)": two views from one symmetric recipe  -> train_transform()
+  1. Alg. 1 "x1, x2 = aug(x), aug(x)": two views from one symmetric recipe  -> train_transform(), device_views()
   2. Sec. 3 encoder f = backbone + projection MLP (3 layers, BN on each)     -> projection_mlp()
   3. Sec. 3 prediction MLP h, with a bottleneck                              -> prediction_mlp()
   4. Eq. 1-2: D(p, z) = -cos(p, sg(z)), L = D(p1, z2)/2 + D(p2, z1)/2         -> D(), simsiam_loss()
