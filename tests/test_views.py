@@ -170,3 +170,15 @@ def test_msn_views_sizes_on_the_device():
     from PIL import Image
     crops, p = msn.train_transform(args)(Image.new("RGB", (50, 40)))
     assert [c.shape[-1] for c in crops] == [32, 32, 16, 16] and p.shape == (4, 13)
+
+
+def test_grafting_mtl_views_two_coloured_and_one_plain_all_normalised():
+    import grafting
+    from PIL import Image
+    args = grafting.Args(img_size=32, mode="mtl")
+    crops, p = grafting.train_transform(args)(Image.new("RGB", (40, 40), (200, 100, 50)))
+    assert len(crops) == 3 and p.shape == (3, 13) and not p[2].any()  # the MIM view draws no colour
+    batch = ([c[None] for c in crops], p[None])
+    views = grafting.device_views(batch, args)
+    assert torch.equal(views[2], grafting.normalize(crops[2][None].float() / 255))  # MAE's view: only normalised
+    assert torch.equal(views[0], grafting.normalize(grafting.colour_augment(crops[0][None], p[None, 0], 5)))
