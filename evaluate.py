@@ -51,6 +51,7 @@ import ast
 import atexit
 import dataclasses
 import inspect
+import itertools
 import json
 import math
 import multiprocessing
@@ -173,57 +174,47 @@ class Args:
     """where to write the JSON results (default: next to the checkpoint, eval-<encoder>-<pool>[-random].json; for several checkpoints, runs/compare-<time>.json); a Markdown table goes next to it"""
 
 
-# ==== SHARED: argument parsing, identical in every method file and in evaluate.py ====
+# The two sections below are the method files' own, word for word (tests/test_shared_blocks.py checks it).
+# ---- argument parsing (also in evaluate.py) ----
 def parse_args(argv=None):
-    """Build one --kebab-case flag per Args field; the docstring under each field is its --help."""
+    """One --kebab-case flag per Args field; the docstring under each field is its --help."""
     fields = ast.parse(inspect.getsource(Args)).body[0].body
     helps = {a.target.id: b.value.value for a, b in zip(fields, fields[1:])
              if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Args):
-        flag, kind = "--" + f.name.replace("_", "-"), f.type
+        kind = f.type
         if typing.get_origin(kind) in (typing.Union, types.UnionType):  # "int | None" -> int
             kind = next(t for t in typing.get_args(kind) if t is not type(None))
-        default_text = f.default
-        if f.default is None:  # filled in later: from the recipe, or (amp, compile) from the device
-            default_text = "auto" if kind is bool else "from the recipe"
-        help_text = f"{helps.get(f.name, '')} (default: {default_text})".replace("%", "%%")
+        default = f.default if f.default is not None else "auto" if kind is bool else "from the recipe"
+        options = dict(default=f.default, help=f"{helps.get(f.name, '')} (default: {default})".replace("%", "%%"))
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+            options.update(action=argparse.BooleanOptionalAction)
         elif typing.get_origin(kind) is tuple:  # "tuple[str, ...]" -> one or more values
-            parser.add_argument(flag, nargs="+", type=typing.get_args(kind)[0], default=f.default, help=help_text)
+            options.update(nargs="+", type=typing.get_args(kind)[0])
         else:
-            parser.add_argument(flag, type=kind, default=f.default, help=help_text)
+            options.update(type=kind)
+        parser.add_argument("--" + f.name.replace("_", "-"), **options)
     return Args(**vars(parser.parse_args(argv)))
-# ==== end SHARED ====
 
 
-# ---------------------------------------------------------------- data
-# ==== SHARED: datasets, identical in every method file and in evaluate.py ====
+# ---- data (also in evaluate.py) ----
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics, used by every method
 
-
 def normalize(x):
-    """Float images in [0, 1] -> (x - mean) / std per channel, on whatever device x is."""
-    mean, std = torch.tensor(MEAN, device=x.device), torch.tensor(STD, device=x.device)
-    return (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
-
+    """Float images (B, 3, H, W) in [0, 1] -> (x - mean) / std per channel, on x's device."""
+    return (x - torch.tensor(MEAN, device=x.device).view(3, 1, 1)) / torch.tensor(STD, device=x.device).view(3, 1, 1)
 
 class DataError(Exception):
-    """A problem to report as one line, without a traceback: bad input (a missing folder, a bad flag,
-    a checkpoint of another method) or a run that diverged or collapsed."""
-
+    """A problem reported as one line, without a traceback: bad input, or a run that diverged."""
 
 class BadImage(DataError):
-    """An image file that cannot be read (the run saves a checkpoint before it stops)."""
-
+    """An image file that cannot be read (a training run saves a checkpoint before it stops)."""
 
 def error_line(e):
-    """The one line to print for a DataError. Raised in a DataLoader worker, its text carries the
-    worker's traceback, and the error's own line comes last."""
+    """The line to print for a DataError; raised in a data worker, its text ends with that line."""
     return str(e).strip().splitlines()[-1].removeprefix(f"{type(e).__name__}: ")
-
 
 def check_folder(root):
     if os.path.isfile(root):
@@ -231,11 +222,8 @@ def check_folder(root):
     if not os.path.isdir(root):
         raise DataError(f"data folder {root!r} does not exist (--data takes 'cifar10', 'fake' or a folder)")
 
-
 def walk_images(top):
-    """(folder, sorted image file names) under top, top-down in sorted order. Hidden files and folders
-    (.DS_Store, macOS ._* files) are skipped, and each real folder is read once, so a symbolic link
-    that loops back does not multiply the images."""
+    """(folder, sorted image names) under top, sorted, without hidden files; a folder linked twice is read once."""
     seen = set()
     for folder, dirs, files in os.walk(top, followlinks=True):
         real = os.path.realpath(folder)
@@ -244,23 +232,20 @@ def walk_images(top):
             seen.add(real)
             yield folder, sorted(f for f in files if not f.startswith(".") and f.lower().endswith(IMAGE_EXTS))
 
-
 def find_images(root):
     """(path, label) pairs and class names for a folder of class folders, or a flat folder (label -1)."""
     check_folder(root)
     classes = sorted(d for d in os.listdir(root) if not d.startswith(".") and os.path.isdir(os.path.join(root, d)))
-    samples = []
-    for label, name in enumerate(classes):
-        for folder, files in sorted(walk_images(os.path.join(root, name))):
-            samples += [(os.path.join(folder, f), label) for f in files]
-    if not classes:  # a flat folder of unlabeled images
+    samples = [(os.path.join(folder, f), label) for label, name in enumerate(classes)
+               for folder, files in sorted(walk_images(os.path.join(root, name))) for f in files]
+    if not classes:  # a flat folder of unlabelled images
         samples = [(os.path.join(root, f), -1) for f in next(walk_images(root))[1]]
     if not samples:
         raise DataError(f"no images ({', '.join(IMAGE_EXTS)}) found in {root!r}")
     return samples, classes
 
-
 class ImageFiles(torch.utils.data.Dataset):
+    """(RGB PIL image, label) for every image file under root (see find_images)."""
     def __init__(self, root):
         self.root = root
         self.samples, self.classes = find_images(root)
@@ -269,103 +254,82 @@ class ImageFiles(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, i):
-        path, label = self.samples[i]
-        return read_image(path), label
-
+        return read_image(self.samples[i][0]), self.samples[i][1]
 
 def read_image(path):
-    """An image file as an RGB PIL image: grayscale and RGBA become RGB, 16-bit grayscale is scaled to
-    8 bits (convert() alone would clip it at 255); an RGB image is used as decoded, without a copy."""
+    """An image file as an RGB PIL image; 16-bit grayscale is scaled to 8 bits (convert() alone would clip it)."""
+    from PIL import Image  # torchvision depends on Pillow
     try:
         with open(path, "rb") as f:
-            from PIL import Image  # torchvision depends on Pillow
             img = Image.open(f)
             img.load()
-            if img.mode.startswith("I"):
-                img = img.convert("I").point(lambda v: v / 256).convert("L")
-            return img if img.mode == "RGB" else img.convert("RGB")
+        if img.mode.startswith("I"):
+            img = img.convert("I").point(lambda v: v / 256).convert("L")
+        return img if img.mode == "RGB" else img.convert("RGB")
     except Exception as e:
         raise BadImage(f"cannot read image {path}: {e}") from None
 
-
 class FakeImages(torch.utils.data.Dataset):
-    """Synthetic images with structure, for smoke runs and tests: a smooth random colour field plus
-    stripes whose orientation and frequency depend on the class (10 classes)."""
-
-    def __init__(self, n, size=32, num_classes=10):
-        self.n, self.size, self.classes = n, size, [f"class{c}" for c in range(num_classes)]
+    """Synthetic images for smoke runs and tests: a smooth random colour field plus stripes whose orientation
+    and frequency depend on the class (10 classes)."""
+    def __init__(self, n, size=32):
+        self.n, self.size, self.classes = n, size, [f"class{c}" for c in range(10)]
 
     def __len__(self):
         return self.n
 
     def __getitem__(self, i):
-        g = torch.Generator().manual_seed(i)
-        label = i % len(self.classes)
-        field = torch.rand(1, 3, 4, 4, generator=g)
-        field = torch.nn.functional.interpolate(field, size=(self.size, self.size), mode="bilinear")[0]
-        yy, xx = torch.meshgrid(torch.arange(self.size), torch.arange(self.size), indexing="ij")
+        label, g, size = i % 10, torch.Generator().manual_seed(i), (self.size, self.size)
+        field = torch.nn.functional.interpolate(torch.rand(1, 3, 4, 4, generator=g), size=size, mode="bilinear")[0]
+        y, x = torch.meshgrid(torch.arange(self.size), torch.arange(self.size), indexing="ij")
         angle = math.pi * (label % 5) / 5
-        wave = torch.sin((xx * math.cos(angle) + yy * math.sin(angle)) * (0.3 + 0.3 * (label // 5)))
-        img = (0.6 * field + 0.4 * (wave + 1) / 2).clamp(0, 1)
-        return T.functional.to_pil_image(img), label
-
+        wave = torch.sin((x * math.cos(angle) + y * math.sin(angle)) * (0.3 + 0.3 * (label // 5)))
+        return T.functional.to_pil_image((0.6 * field + 0.4 * (wave + 1) / 2).clamp(0, 1)), label
 
 def build_dataset(data, split="train", img_size=32):
-    """The unaugmented (PIL image, label) dataset for --data, split 'train' or 'val'."""
+    """The unaugmented (PIL image, label) data set for --data, split 'train' or 'val'."""
     if data == "fake":
         return FakeImages(1000 if split == "train" else 200, size=img_size)
     if data == "cifar10":
         root = os.environ.get("CIFAR10_ROOT", os.path.join("data", "cifar10-torchvision"))
         try:
-            ds = torchvision.datasets.CIFAR10(root, train=(split == "train"), download=True)
+            return torchvision.datasets.CIFAR10(root, train=(split == "train"), download=True)
         except Exception as e:
             raise DataError(f"could not download CIFAR-10 into {root} ({type(e).__name__}: {e}); without a "
                             "network, pass --data PATH to a folder of images, e.g. CIFAR-10 as JPEGs") from None
-        return ds
-    # a folder: ImageNet layout (train/ and val/ or test/), or itself the training set
-    names = ["train"] if split == "train" else ["val", "test"]
-    for name in names:
+    for name in ["train"] if split == "train" else ["val", "test"]:  # ImageNet layout: train/ and val/ (or test/)
         if os.path.isdir(os.path.join(data, name)):
             return ImageFiles(os.path.join(data, name))
-    if split == "train":
+    if split == "train":  # the folder itself is the training set
         return ImageFiles(data)
     raise DataError(f"{data!r} has no val/ or test/ folder of labelled images to evaluate on")
 
-
 def peek_image_sides(data, count=16):
-    """The short sides of up to `count` images (at most half of them per folder, in sorted order), to pick a
-    recipe without listing a whole data set; only the image headers are read."""
+    """The short sides of up to `count` images, at most half from one folder; only their headers are read."""
     if data in ("fake", "cifar10"):
         return [32]
     check_folder(data)
     from PIL import Image
-    sides = []
-    for folder, files in walk_images(data):
-        for f in files[:count // 2]:
-            try:
-                with Image.open(os.path.join(folder, f)) as im:
-                    sides.append(min(im.size))
-            except Exception as e:
-                raise BadImage(f"cannot read image {os.path.join(folder, f)}: {e}") from None
-        if len(sides) >= count:
-            break
+    sides, paths = [], (os.path.join(folder, f) for folder, files in walk_images(data) for f in files[:count // 2])
+    for path in itertools.islice(paths, count):  # the walk stops there
+        try:
+            with Image.open(path) as im:
+                sides.append(min(im.size))
+        except Exception as e:
+            raise BadImage(f"cannot read image {path}: {e}") from None
     if not sides:
         raise DataError(f"no images ({', '.join(IMAGE_EXTS)}) found in {data!r}")
-    return sides[:count]
-
+    return sides
 
 def eval_transform(img_size):
-    """Centre crop, no augmentation: resize to img_size/0.875 then crop (224 -> 256 -> 224) for
-    large images; small images (CIFAR) are only resized to img_size."""
+    """Centre crop: resize to img_size / 0.875, crop (224 -> 256 -> 224); small images are only resized."""
     resize = round(img_size / 0.875) if img_size >= 96 else img_size
     return T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(img_size),
                       T.ToTensor(), T.Normalize(MEAN, STD)])
 
-
 class Augmented(torch.utils.data.Dataset):
-    """Applies a transform under a per-sample seed, so every augmentation is a function of
-    (run seed, epoch, position in the epoch): the same with any number of workers and after --resume."""
-
+    """base[index] through transform under the sample's seed from EpochSampler: every augmentation is a function
+    of (run seed, epoch, position in the epoch), with any number of workers or GPUs, and after --resume."""
     def __init__(self, base, transform):
         self.base, self.transform = base, transform
 
@@ -379,15 +343,11 @@ class Augmented(torch.utils.data.Dataset):
             torch.manual_seed(seed)
             return self.transform(img), label
 
-
 class EpochSampler(torch.utils.data.Sampler):
-    """Shuffles with a generator seeded by (seed, epoch) and yields (index, augmentation seed).
-    set_epoch(epoch, skip) starts an epoch, skipping the first `skip` samples (those done before a resume).
-    On many GPUs (world > 1) each global batch of batch_size x world samples is split in rank order
-    and this rank yields its part, so the global batch of a step holds the same images with the same
-    augmentation seeds whatever the number of GPUs."""
-
-    def __init__(self, n, seed, batch_size=0, rank=0, world=1):
+    """(index, augmentation seed) pairs shuffled by (seed, epoch), in whole global batches of batch_size x world,
+    each rank yielding its part in rank order: a step's global batch is the same on any number of GPUs.
+    set_epoch(epoch, skip) skips the samples done before a resume."""
+    def __init__(self, n, seed, batch_size=1, rank=0, world=1):
         self.n, self.seed, self.epoch, self.skip = n, seed, 0, 0
         self.batch, self.rank, self.world = batch_size, rank, world
 
@@ -395,40 +355,28 @@ class EpochSampler(torch.utils.data.Sampler):
         self.epoch, self.skip = epoch, skip
 
     def __len__(self):
-        if self.world == 1:
-            return self.n - self.skip
-        whole = self.n // (self.batch * self.world) * self.batch * self.world
-        return (whole - self.skip) // self.world
+        return (self.n // (self.batch * self.world) * self.batch * self.world - self.skip) // self.world
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.n, generator=g).tolist()
         seeds = torch.randint(0, 2**62, (self.n,), generator=g).tolist()
-        if self.world == 1:
-            yield from zip(order[self.skip:], seeds[self.skip:])
-            return
-        step = self.batch * self.world  # one global batch
+        step = self.batch * self.world
         for start in range(self.skip, self.n // step * step, step):
             mine = slice(start + self.rank * self.batch, start + (self.rank + 1) * self.batch)
             yield from zip(order[mine], seeds[mine])
 
-
 def worker_ignores_signals(worker_id):
-    """DataLoader workers leave Ctrl-C, SIGTERM and SIGHUP to the main process. A signal to the whole
-    process group (Slurm, systemd, a closed terminal) then reaches the workers too, and they must not
-    die under the main process while it finishes its step and saves."""
+    """Data workers leave Ctrl-C, SIGTERM, SIGHUP (sent to the whole process group) to the main process, which saves."""
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
 
-
 @atexit.register
 def end_workers():
-    """At exit, end the data workers that are still alive (they ignore the signals above). Normally
-    the DataLoader has stopped them already; this covers an exit through an error or a second Ctrl-C."""
+    """At exit (an error, a second Ctrl-C), end the data workers still alive: they ignore the signals."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # their end is expected, not a worker failure
     for worker in multiprocessing.active_children():
         worker.kill()
-# ==== end SHARED ====
 
 
 # ---------------------------------------------------------------- encoder

@@ -68,11 +68,14 @@ import atexit
 import copy
 import dataclasses
 import inspect
+import itertools
 import json
 import math
 import multiprocessing
 import os
-import random
+import pathlib
+import re
+import shutil
 import signal
 import sys
 import time
@@ -82,538 +85,19 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # all_reduce with a gradient
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 import torchvision.transforms as T
-
 from einops import repeat
 
-from vit import SIZES, ViT
+from vit import ViT
 
 METHOD = "msn"
 
 
-# ---------------------------------------------------------------- config
-@dataclass
-class Args:
-    # ==== SHARED fields: the same in every method file ====
-    data: str = "cifar10"
-    """'cifar10' (torchvision downloads it), 'fake' (1,000 synthetic images, for smoke runs) or a folder: PATH/train/<class>/*.jpg (ImageNet layout), PATH/<class>/*.jpg, or a flat folder of images"""
-    recipe: str = "auto"
-    """hyper-parameter preset, 'cifar10' or 'imagenet'; 'auto' picks imagenet when the images are 64 px or larger. Any flag you pass overrides the preset"""
-    model: str | None = None
-    """ViT size: tiny (192 wide, 12 deep, 3 heads), small (384/12/6), base (768/12/12), large (1024/24/16)"""
-    model_dims: str = ""
-    """a custom ViT as 'width,depth,heads' (e.g. 64,2,4 for smoke runs); overrides --model"""
-    img_size: int | None = None
-    """training resolution in pixels (recipe: 32 for CIFAR-10, 224 for ImageNet)"""
-    patch_size: int | None = None
-    """patch size in pixels; must divide img-size (recipe: 4 at 32 px, 16 at 224 px)"""
-    epochs: int | None = None
-    """passes over the training set (paper: 800 or 1600 on ImageNet)"""
-    steps: int = 0
-    """total optimizer steps; if set, overrides --epochs and the schedule is compressed into these steps"""
-    batch_size: int | None = None
-    """images per step and GPU: the global batch is this times the number of GPUs (torchrun), and the lr rule uses it (paper: 4096 over many GPUs)"""
-    blr: float | None = None
-    """base learning rate: the lr at batch 256. Effective lr = blr * batch-size / 256 (printed at start)"""
-    min_lr: float | None = None
-    """lr at the end of the cosine schedule (recipe: the official code's final lr, 0 for most methods)"""
-    weight_decay: float | None = None
-    """AdamW weight decay, not applied to biases and norm weights"""
-    warmup_epochs: float | None = None
-    """epochs of linear lr warm-up from 0 before the cosine decay"""
-    seed: int = 0
-    """seeds every random draw: data order, augmentations, masks, initialisation"""
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    """'cuda' or 'cpu'"""
-    compile: bool | None = None
-    """torch.compile the model (auto: on with CUDA, off on CPU; the first steps are slow while it compiles)"""
-    amp: bool | None = None
-    """bf16 autocast (auto: on with CUDA, off on CPU); no grad scaler is needed with bf16"""
-    num_workers: int = min(8, os.cpu_count() or 1)
-    """data-loading processes; 0 loads in the main process"""
-    out_dir: str = "runs"
-    """each run writes to OUT_DIR/RUN_NAME: checkpoint.pt, log.jsonl, args.json, a copy of this file, pictures"""
-    run_name: str = ""
-    """run folder name (default: <method>-<data>-s<seed>-<date>-<time>); an existing folder is refused, continue it with --resume"""
-    resume: str = ""
-    """a checkpoint.pt (or its run folder) to continue; the run's own settings are kept (other flags given are named and ignored)"""
-    stop_after: int = 0
-    """end this process after this many steps, saving a checkpoint (the schedule still spans the whole run); continue with --resume"""
-    log_every: int = 50
-    """steps between log lines"""
-    save_minutes: float = 10.0
-    """minutes between checkpoints, so a hard kill (SIGKILL, a power cut) loses at most this much; one is also written at the end and on Ctrl-C, SIGTERM or SIGHUP (to the main process or its whole process group)"""
-    benchmark: bool = False
-    """measure training speed instead of training: img/s, TFLOP/s and MFU on synthetic data already on the device"""
-    benchmark_steps: int = 30
-    """timed steps for --benchmark (after 10 warm-up steps, which include compilation), or batches for --benchmark-data"""
-    benchmark_data: bool = False
-    """measure the input pipeline instead of training: img/s of the data loader with --num-workers workers (and per worker), then the device side of the views"""
-    peak_tflops: float = 0.0
-    """the device's peak TFLOP/s for MFU; 0 measures it with a large matmul in the training dtype"""
-    # ==== MSN specific ====
-    patch_drop: float = 0.15
-    """fraction of the random anchor's patches dropped (official ViT-S/16: 0.15)"""
-    focal_views: int = 10
-    """number of focal anchor views (official: 10)"""
-    focal_size: int | None = None
-    """side of the focal views in pixels; a multiple of the patch size (official: 96 at 224; recipe: 16 at 32)"""
-    hidden_dim: int = 2048
-    """hidden width of the projection head (official: 2048)"""
-    proj_dim: int = 256
-    """output width of the projection head, the space of the prototypes (official: 256)"""
-    num_prototypes: int = 1024
-    """K, the number of learnable prototypes (official: 1024)"""
-    tau: float = 0.1
-    """temperature of the anchor predictions (official: 0.1)"""
-    sharpen: float = 0.25
-    """T: target predictions use tau+ = tau * T (official: 0.25, so tau+ = 0.025)"""
-    memax_weight: float = 1.0
-    """lambda of the ME-MAX term (official: 1.0; the seed leaves it open)"""
-    sinkhorn: bool = True
-    """balance the target predictions with 3 Sinkhorn-Knopp iterations (official config: on; the seed: off)"""
-    momentum: float = 0.996
-    """target-encoder momentum at the start, raised linearly toward 1 (official: 0.996)"""
-    final_weight_decay: float = 0.4
-    """weight decay at the end of the horizon; it rises by a cosine from --weight-decay (official: 0.04 -> 0.4)"""
-    warmup_start: float = 0.2
-    """the lr warm-up starts at this fraction of the peak lr, not at 0 (official: start_lr 2e-4 = 0.2 x lr 1e-3)"""
-    horizon: float = 1.25
-    """the lr, weight-decay and momentum schedules span this many times the run, which stops at 1/horizon of them (official: 1.25)"""
-    clip_grad: float = 3.0
-    """gradient-norm clipping of encoder and head (official: 3.0); 0 turns it off"""
-
-# Hyper-parameter presets. A field left at None above is filled from the recipe.
-RECIPES = {
-    # our small-data recipe (no official CIFAR-10 MSN exists); views scaled with the image
-    "cifar10": dict(model="tiny", img_size=32, patch_size=4, epochs=200, batch_size=256, blr=2.5e-4,
-                    min_lr=2.5e-7, weight_decay=0.04, warmup_epochs=4, focal_size=16),
-    # the official ViT-S/16 config (msn_vits16.yaml: 800 epochs, 15 warm-up, lr 1e-3 at batch 1024), at batch 256
-    "imagenet": dict(model="small", img_size=224, patch_size=16, epochs=800, batch_size=256, blr=2.5e-4,
-                     min_lr=2.5e-7, weight_decay=0.04, warmup_epochs=15, focal_size=96),
-}
-
-
-# ==== SHARED: argument parsing, identical in every method file and in evaluate.py ====
-def parse_args(argv=None):
-    """Build one --kebab-case flag per Args field; the docstring under each field is its --help."""
-    fields = ast.parse(inspect.getsource(Args)).body[0].body
-    helps = {a.target.id: b.value.value for a, b in zip(fields, fields[1:])
-             if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(Args):
-        flag, kind = "--" + f.name.replace("_", "-"), f.type
-        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # "int | None" -> int
-            kind = next(t for t in typing.get_args(kind) if t is not type(None))
-        default_text = f.default
-        if f.default is None:  # filled in later: from the recipe, or (amp, compile) from the device
-            default_text = "auto" if kind is bool else "from the recipe"
-        help_text = f"{helps.get(f.name, '')} (default: {default_text})".replace("%", "%%")
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
-        elif typing.get_origin(kind) is tuple:  # "tuple[str, ...]" -> one or more values
-            parser.add_argument(flag, nargs="+", type=typing.get_args(kind)[0], default=f.default, help=help_text)
-        else:
-            parser.add_argument(flag, type=kind, default=f.default, help=help_text)
-    return Args(**vars(parser.parse_args(argv)))
-# ==== end SHARED ====
-
-
-# ==== SHARED: recipe and encoder, identical in every method file ====
-def apply_recipe(args):
-    """Fill every field left at None from the chosen recipe, then check the values; returns the
-    recipe's name. 'auto' decides from the median short side of several images, so one odd image
-    (a 1x1 icon sorted first) does not pick the recipe."""
-    recipe = args.recipe
-    if recipe == "auto":
-        sides = sorted(peek_image_sides(args.data))
-        side = sides[len(sides) // 2]
-        recipe = "imagenet" if side >= 64 else "cifar10"
-        if args.data not in ("fake", "cifar10"):
-            print(f"recipe auto: {len(sides)} images looked at, short sides {sides[0]} to {sides[-1]} px, "
-                  f"median {side} px -> {recipe} (64 px or more: imagenet)")
-    if recipe not in RECIPES:
-        raise DataError(f"unknown --recipe {recipe!r}; choose one of {sorted(RECIPES)} or 'auto'")
-    for name, value in RECIPES[recipe].items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    for name in ("img_size", "patch_size", "batch_size", "epochs", "blr", "log_every", "benchmark_steps"):
-        if getattr(args, name) <= 0:
-            raise DataError(f"--{name.replace('_', '-')} must be more than 0, not {getattr(args, name)}")
-    for name in ("steps", "stop_after", "num_workers", "min_lr", "weight_decay", "warmup_epochs", "save_minutes"):
-        if getattr(args, name) < 0:
-            raise DataError(f"--{name.replace('_', '-')} must be 0 or more, not {getattr(args, name)}")
-    return recipe
-
-
-def build_encoder(args, **kwargs):
-    """The ViT named by --model (or --model-dims width,depth,heads) at --img-size / --patch-size."""
-    if args.model_dims:
-        parts = args.model_dims.split(",")
-        if len(parts) != 3 or not all(v.strip().isdigit() and int(v) > 0 for v in parts):
-            raise DataError(f"--model-dims takes width,depth,heads, three whole numbers above 0 (e.g. 64,2,4), "
-                            f"not {args.model_dims!r}")
-        dim, depth, heads = (int(v) for v in parts)
-        if dim % heads or dim % 4:
-            raise DataError(f"--model-dims {args.model_dims}: the width {dim} must be divisible by the {heads} heads "
-                            "and by 4 (for the sin-cos position table)")
-    elif args.model in SIZES:
-        dim, depth, heads = SIZES[args.model]
-    else:
-        raise DataError(f"unknown --model {args.model!r}; choose one of {sorted(SIZES)} or pass --model-dims")
-    if args.img_size % args.patch_size:
-        raise DataError(f"--img-size {args.img_size} is not divisible by --patch-size {args.patch_size}")
-    return ViT(img_size=args.img_size, patch_size=args.patch_size, dim=dim, depth=depth, heads=heads, **kwargs)
-# ==== end SHARED ====
-
-
-# ---------------------------------------------------------------- data
-# ==== SHARED: datasets, identical in every method file and in evaluate.py ====
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics, used by every method
-
-
-def normalize(x):
-    """Float images in [0, 1] -> (x - mean) / std per channel, on whatever device x is."""
-    mean, std = torch.tensor(MEAN, device=x.device), torch.tensor(STD, device=x.device)
-    return (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
-
-
-class DataError(Exception):
-    """A problem to report as one line, without a traceback: bad input (a missing folder, a bad flag,
-    a checkpoint of another method) or a run that diverged or collapsed."""
-
-
-class BadImage(DataError):
-    """An image file that cannot be read (the run saves a checkpoint before it stops)."""
-
-
-def error_line(e):
-    """The one line to print for a DataError. Raised in a DataLoader worker, its text carries the
-    worker's traceback, and the error's own line comes last."""
-    return str(e).strip().splitlines()[-1].removeprefix(f"{type(e).__name__}: ")
-
-
-def check_folder(root):
-    if os.path.isfile(root):
-        raise DataError(f"--data {root!r} is a file; it takes a folder of images (or 'cifar10' or 'fake')")
-    if not os.path.isdir(root):
-        raise DataError(f"data folder {root!r} does not exist (--data takes 'cifar10', 'fake' or a folder)")
-
-
-def walk_images(top):
-    """(folder, sorted image file names) under top, top-down in sorted order. Hidden files and folders
-    (.DS_Store, macOS ._* files) are skipped, and each real folder is read once, so a symbolic link
-    that loops back does not multiply the images."""
-    seen = set()
-    for folder, dirs, files in os.walk(top, followlinks=True):
-        real = os.path.realpath(folder)
-        dirs[:] = [] if real in seen else sorted(d for d in dirs if not d.startswith("."))
-        if real not in seen:
-            seen.add(real)
-            yield folder, sorted(f for f in files if not f.startswith(".") and f.lower().endswith(IMAGE_EXTS))
-
-
-def find_images(root):
-    """(path, label) pairs and class names for a folder of class folders, or a flat folder (label -1)."""
-    check_folder(root)
-    classes = sorted(d for d in os.listdir(root) if not d.startswith(".") and os.path.isdir(os.path.join(root, d)))
-    samples = []
-    for label, name in enumerate(classes):
-        for folder, files in sorted(walk_images(os.path.join(root, name))):
-            samples += [(os.path.join(folder, f), label) for f in files]
-    if not classes:  # a flat folder of unlabeled images
-        samples = [(os.path.join(root, f), -1) for f in next(walk_images(root))[1]]
-    if not samples:
-        raise DataError(f"no images ({', '.join(IMAGE_EXTS)}) found in {root!r}")
-    return samples, classes
-
-
-class ImageFiles(torch.utils.data.Dataset):
-    def __init__(self, root):
-        self.root = root
-        self.samples, self.classes = find_images(root)
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, i):
-        path, label = self.samples[i]
-        return read_image(path), label
-
-
-def read_image(path):
-    """An image file as an RGB PIL image: grayscale and RGBA become RGB, 16-bit grayscale is scaled to
-    8 bits (convert() alone would clip it at 255); an RGB image is used as decoded, without a copy."""
-    try:
-        with open(path, "rb") as f:
-            from PIL import Image  # torchvision depends on Pillow
-            img = Image.open(f)
-            img.load()
-            if img.mode.startswith("I"):
-                img = img.convert("I").point(lambda v: v / 256).convert("L")
-            return img if img.mode == "RGB" else img.convert("RGB")
-    except Exception as e:
-        raise BadImage(f"cannot read image {path}: {e}") from None
-
-
-class FakeImages(torch.utils.data.Dataset):
-    """Synthetic images with structure, for smoke runs and tests: a smooth random colour field plus
-    stripes whose orientation and frequency depend on the class (10 classes)."""
-
-    def __init__(self, n, size=32, num_classes=10):
-        self.n, self.size, self.classes = n, size, [f"class{c}" for c in range(num_classes)]
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        g = torch.Generator().manual_seed(i)
-        label = i % len(self.classes)
-        field = torch.rand(1, 3, 4, 4, generator=g)
-        field = torch.nn.functional.interpolate(field, size=(self.size, self.size), mode="bilinear")[0]
-        yy, xx = torch.meshgrid(torch.arange(self.size), torch.arange(self.size), indexing="ij")
-        angle = math.pi * (label % 5) / 5
-        wave = torch.sin((xx * math.cos(angle) + yy * math.sin(angle)) * (0.3 + 0.3 * (label // 5)))
-        img = (0.6 * field + 0.4 * (wave + 1) / 2).clamp(0, 1)
-        return T.functional.to_pil_image(img), label
-
-
-def build_dataset(data, split="train", img_size=32):
-    """The unaugmented (PIL image, label) dataset for --data, split 'train' or 'val'."""
-    if data == "fake":
-        return FakeImages(1000 if split == "train" else 200, size=img_size)
-    if data == "cifar10":
-        root = os.environ.get("CIFAR10_ROOT", os.path.join("data", "cifar10-torchvision"))
-        try:
-            ds = torchvision.datasets.CIFAR10(root, train=(split == "train"), download=True)
-        except Exception as e:
-            raise DataError(f"could not download CIFAR-10 into {root} ({type(e).__name__}: {e}); without a "
-                            "network, pass --data PATH to a folder of images, e.g. CIFAR-10 as JPEGs") from None
-        return ds
-    # a folder: ImageNet layout (train/ and val/ or test/), or itself the training set
-    names = ["train"] if split == "train" else ["val", "test"]
-    for name in names:
-        if os.path.isdir(os.path.join(data, name)):
-            return ImageFiles(os.path.join(data, name))
-    if split == "train":
-        return ImageFiles(data)
-    raise DataError(f"{data!r} has no val/ or test/ folder of labelled images to evaluate on")
-
-
-def peek_image_sides(data, count=16):
-    """The short sides of up to `count` images (at most half of them per folder, in sorted order), to pick a
-    recipe without listing a whole data set; only the image headers are read."""
-    if data in ("fake", "cifar10"):
-        return [32]
-    check_folder(data)
-    from PIL import Image
-    sides = []
-    for folder, files in walk_images(data):
-        for f in files[:count // 2]:
-            try:
-                with Image.open(os.path.join(folder, f)) as im:
-                    sides.append(min(im.size))
-            except Exception as e:
-                raise BadImage(f"cannot read image {os.path.join(folder, f)}: {e}") from None
-        if len(sides) >= count:
-            break
-    if not sides:
-        raise DataError(f"no images ({', '.join(IMAGE_EXTS)}) found in {data!r}")
-    return sides[:count]
-
-
-def eval_transform(img_size):
-    """Centre crop, no augmentation: resize to img_size/0.875 then crop (224 -> 256 -> 224) for
-    large images; small images (CIFAR) are only resized to img_size."""
-    resize = round(img_size / 0.875) if img_size >= 96 else img_size
-    return T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(img_size),
-                      T.ToTensor(), T.Normalize(MEAN, STD)])
-
-
-class Augmented(torch.utils.data.Dataset):
-    """Applies a transform under a per-sample seed, so every augmentation is a function of
-    (run seed, epoch, position in the epoch): the same with any number of workers and after --resume."""
-
-    def __init__(self, base, transform):
-        self.base, self.transform = base, transform
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, item):
-        index, seed = item if isinstance(item, tuple) else (item, item)
-        img, label = self.base[index]
-        with torch.random.fork_rng(devices=[]):  # leaves the caller's RNG untouched
-            torch.manual_seed(seed)
-            return self.transform(img), label
-
-
-class EpochSampler(torch.utils.data.Sampler):
-    """Shuffles with a generator seeded by (seed, epoch) and yields (index, augmentation seed).
-    set_epoch(epoch, skip) starts an epoch, skipping the first `skip` samples (those done before a resume).
-    On many GPUs (world > 1) each global batch of batch_size x world samples is split in rank order
-    and this rank yields its part, so the global batch of a step holds the same images with the same
-    augmentation seeds whatever the number of GPUs."""
-
-    def __init__(self, n, seed, batch_size=0, rank=0, world=1):
-        self.n, self.seed, self.epoch, self.skip = n, seed, 0, 0
-        self.batch, self.rank, self.world = batch_size, rank, world
-
-    def set_epoch(self, epoch, skip=0):
-        self.epoch, self.skip = epoch, skip
-
-    def __len__(self):
-        if self.world == 1:
-            return self.n - self.skip
-        whole = self.n // (self.batch * self.world) * self.batch * self.world
-        return (whole - self.skip) // self.world
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.n, generator=g).tolist()
-        seeds = torch.randint(0, 2**62, (self.n,), generator=g).tolist()
-        if self.world == 1:
-            yield from zip(order[self.skip:], seeds[self.skip:])
-            return
-        step = self.batch * self.world  # one global batch
-        for start in range(self.skip, self.n // step * step, step):
-            mine = slice(start + self.rank * self.batch, start + (self.rank + 1) * self.batch)
-            yield from zip(order[mine], seeds[mine])
-
-
-def worker_ignores_signals(worker_id):
-    """DataLoader workers leave Ctrl-C, SIGTERM and SIGHUP to the main process. A signal to the whole
-    process group (Slurm, systemd, a closed terminal) then reaches the workers too, and they must not
-    die under the main process while it finishes its step and saves."""
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, signal.SIG_IGN)
-
-
-@atexit.register
-def end_workers():
-    """At exit, end the data workers that are still alive (they ignore the signals above). Normally
-    the DataLoader has stopped them already; this covers an exit through an error or a second Ctrl-C."""
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # their end is expected, not a worker failure
-    for worker in multiprocessing.active_children():
-        worker.kill()
-# ==== end SHARED ====
-
-
-# ---------------------------------------------------------------- many GPUs
-# ==== SHARED: many GPUs (torchrun), identical in every method file ====
-RANK, WORLD = 0, 1  # this process's rank and the number of processes: (0, 1) without torchrun
-
-
-def init_distributed(device):
-    """Under torchrun (which sets RANK, WORLD_SIZE and LOCAL_RANK): one process per GPU, each on its
-    own GPU, joined by NCCL (gloo on the CPU). A plain `python file.py` starts no process group.
-    Returns the device of this process."""
-    global RANK, WORLD
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return device
-    RANK, WORLD = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    atexit.register(dist.destroy_process_group)  # a clean exit for NCCL / gloo
-    if RANK > 0:  # one voice: only rank 0 prints, logs and writes files (errors still reach stderr)
-        sys.stdout = open(os.devnull, "w")
-    return device
-
-
-class AllReduceSum(torch.autograd.Function):
-    """x summed over all ranks. The backward pass sums the gradient over the ranks as well: every
-    rank's loss depends on the sum, so each rank's own x gets the gradient of all the ranks' losses."""
-
-    @staticmethod
-    def forward(ctx, x):
-        x = x.clone()
-        dist.all_reduce(x)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
-
-
-def all_reduce_sum(x):
-    """A statistic of the global batch from this rank's part of it (differentiable, see AllReduceSum)."""
-    return AllReduceSum.apply(x) if WORLD > 1 else x
-
-
-def all_gather(x):
-    """Every rank's rows of x, in rank order: (B, ...) -> (WORLD * B, ...), without gradient (the
-    official concat_all_gather): this rank's rows sit at RANK * B ... RANK * B + B - 1."""
-    if WORLD == 1:
-        return x
-    rows = [torch.empty_like(x) for _ in range(WORLD)]
-    dist.all_gather(rows, x.contiguous())
-    return torch.cat(rows)
-
-
-def global_rand(batch, *shape, device=None):
-    """Uniform noise (for masks) for this rank's `batch` rows of the global batch. Every rank draws
-    the whole global batch's noise from the same RNG state and keeps its own rows, so a sample's mask
-    is the same whatever the number of GPUs."""
-    return torch.rand(batch * WORLD, *shape, device=device)[RANK * batch:(RANK + 1) * batch]
-
-
-class GlobalBatchNorm1d(nn.BatchNorm1d):
-    """BatchNorm1d over the global batch (the official code's SyncBatchNorm, written so that it also
-    runs on the CPU): in training, the mean and the variance are those of all ranks' rows together,
-    summed over ranks (all_reduce_sum). On one process it is nn.BatchNorm1d."""
-
-    def forward(self, x):
-        if WORLD == 1 or not self.training:
-            return super().forward(x)
-        n = x.shape[0] * WORLD
-        xf = x.float()
-        mean = all_reduce_sum(xf.sum(dim=0)) / n
-        var = all_reduce_sum(((xf - mean) ** 2).sum(dim=0)) / n  # biased, as BatchNorm normalises
-        with torch.no_grad():  # the running statistics of one large batch (unbiased variance)
-            self.num_batches_tracked += 1
-            self.running_mean.lerp_(mean, self.momentum)
-            self.running_var.lerp_(var * n / (n - 1), self.momentum)
-        y = (xf - mean) / torch.sqrt(var + self.eps)
-        if self.affine:
-            y = y * self.weight + self.bias
-        return y.to(x.dtype)
-
-
-def distribute(model, device):
-    """DistributedDataParallel around the model: after each backward pass, the gradients of its
-    trainable parameters are averaged over the ranks. On one process: the model itself."""
-    if WORLD == 1:
-        return model
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-
-
-def rank_mean(x):
-    """The mean of a tensor over the ranks (for logging: the loss of the global batch)."""
-    if WORLD == 1:
-        return x
-    x = x.detach().clone()
-    dist.all_reduce(x)
-    return x / WORLD
-
-
-def sync_stop(stop, device):
-    """A signal that reached any rank stops every rank after the same step."""
-    if WORLD > 1:
-        flag = torch.tensor([float(bool(stop))], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and not stop:
-            stop.append("another rank")
-# ==== end SHARED ====
-
-
+# ---------------------------------------------------------------- views
 # ==== SHARED: colour augmentation on the device, identical in every file with colour views ====
 # The data workers only decode, crop and flip (per image, in PIL) and draw each view's colour
 # parameters; the device then applies colour jitter, grayscale, blur and solarize to the whole batch
@@ -742,6 +226,37 @@ def device_views(batch, args):
     The blur is sized for img_size in every view, as the official GaussianBlur is."""
     crops, params = batch
     return [normalize(colour_augment(x, params[:, i], blur_kernel_size(args.img_size))) for i, x in enumerate(crops)]
+
+
+# ---------------------------------------------------------------- many GPUs: MSN's part (README "Many GPUs")
+def all_reduce_sum(x):
+    """x summed over the ranks: a statistic of the global batch from this rank's part of it. Its backward
+    pass sums the gradient over the ranks too, as every rank's loss depends on the sum."""
+    return torch.distributed.nn.functional.all_reduce(x) if WORLD > 1 else x
+
+
+def global_rand(batch, *shape, device=None):
+    """Uniform noise (for masks) for this rank's rows: every rank draws the global batch's noise and keeps
+    its own rows, so a sample's mask does not depend on the number of GPUs."""
+    return torch.rand(batch * WORLD, *shape, device=device)[RANK * batch:(RANK + 1) * batch]
+
+
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics are those of all ranks' rows together (the official
+    SyncBatchNorm, written so that it also runs on the CPU); on one process, nn.BatchNorm1d."""
+
+    def forward(self, x):
+        if WORLD == 1 or not self.training:
+            return super().forward(x)
+        n, xf = x.shape[0] * WORLD, x.float()
+        mean = all_reduce_sum(xf.sum(dim=0)) / n
+        var = all_reduce_sum(((xf - mean) ** 2).sum(dim=0)) / n  # biased, as BatchNorm normalises
+        with torch.no_grad():  # the running statistics of one large batch (unbiased variance)
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * n / (n - 1), self.momentum)
+        y = (xf - mean) / torch.sqrt(var + self.eps)
+        return (y * self.weight + self.bias if self.affine else y).to(x.dtype)
 
 
 # ---------------------------------------------------------------- model
@@ -876,28 +391,589 @@ def msn_loss(z, z_plus, prototypes, tau=0.1, T=0.25, memax_weight=1.0, use_sinkh
     return cross_entropy - memax_weight * entropy, cross_entropy.detach(), entropy.detach()
 
 
-# ---------------------------------------------------------------- train
-# ==== SHARED: schedule, logging, checkpoints and benchmark, identical in every method file ====
+# ---------------------------------------------------------------- the training step
 def lr_at(step, total_steps, warmup_steps, peak_lr, min_lr, start_lr=0.0):
-    """Linear warm-up from start_lr (0 unless a method says) to peak_lr, then a half-cosine down to
-    min_lr, per step (MAE util/lr_sched.py)."""
+    """The lr schedule, per step: a linear warm-up from start_lr (0 unless a method says) to peak_lr, then a
+    half-cosine down to min_lr (MAE util/lr_sched.py; the recipes give each method's values)."""
     if step < warmup_steps:
         return start_lr + (peak_lr - start_lr) * step / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return min_lr + (peak_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def train_step(model, train_model, optimizer, views, lr, progress, args):
+    """One MSN step, in the official order: this step's lr and weight decay, the forward (mask the anchors,
+    encode anchors and target), the loss H(p+, p) - lambda H(p_bar), backward, the AdamW step, then the EMA of
+    the target encoder with its momentum schedule. The schedules span --horizon (1.25) times the run, which
+    ends at progress 1. train_model runs the forward (model itself, or its DDP / compiled wrapper); returns
+    the loss and extra metrics, as tensors (no sync)."""
+    h = progress / args.horizon
+    wd = args.final_weight_decay + (args.weight_decay - args.final_weight_decay) * 0.5 * (1 + math.cos(math.pi * h))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        if group["scheduled_wd"]:
+            group["weight_decay"] = wd  # cosine from 0.04 up to 0.4
+    with autocast(args):
+        z, z_plus = train_model(*views)
+    loss, ce, entropy = msn_loss(z, z_plus, model.prototypes, args.tau, args.sharpen, args.memax_weight, args.sinkhorn)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if WORLD > 1:  # official: the prototypes sit outside DDP and their gradient is summed over GPUs (AllReduceSum)
+        model.prototypes.grad *= WORLD  # DDP averaged it: x WORLD gives that sum
+    if args.clip_grad:
+        torch.nn.utils.clip_grad_norm_(list(model.encoder.parameters()) + list(model.head.parameters()), args.clip_grad)
+    optimizer.step()
+    model.momentum_update(args.momentum + (1 - args.momentum) * h)  # linear toward 1, after the step
+    # collapse indicators: H(p+, p), the ME-MAX term, and H(p_bar) as exp(H) = prototypes in use
+    return loss.detach(), {"ce": ce, "memax": -args.memax_weight * entropy, "entropy": entropy,
+                           "prototypes_used": entropy.exp()}
+
+
+# ---------------------------------------------------------------- config
+@dataclass
+class Args:
+    # ==== SHARED fields: the same in every method file ====
+    data: str = "cifar10"
+    """'cifar10' (torchvision downloads it), 'fake' (1,000 synthetic images, for smoke runs) or a folder: PATH/train/<class>/*.jpg (ImageNet layout), PATH/<class>/*.jpg, or a flat folder of images"""
+    recipe: str = "auto"
+    """hyper-parameter preset, 'cifar10' or 'imagenet'; 'auto' picks imagenet when the images are 64 px or larger. Any flag you pass overrides the preset"""
+    model: str | None = None
+    """ViT size: tiny (192 wide, 12 deep, 3 heads), small (384/12/6), base (768/12/12), large (1024/24/16)"""
+    model_dims: str = ""
+    """a custom ViT as 'width,depth,heads' (e.g. 64,2,4 for smoke runs); overrides --model"""
+    img_size: int | None = None
+    """training resolution in pixels (recipe: 32 for CIFAR-10, 224 for ImageNet)"""
+    patch_size: int | None = None
+    """patch size in pixels; must divide img-size (recipe: 4 at 32 px, 16 at 224 px)"""
+    epochs: int | None = None
+    """passes over the training set (paper: 800 or 1600 on ImageNet)"""
+    steps: int = 0
+    """total optimizer steps; if set, overrides --epochs and the schedule is compressed into these steps"""
+    batch_size: int | None = None
+    """images per step and GPU: the global batch is this times the number of GPUs (torchrun), and the lr rule uses it (paper: 4096 over many GPUs)"""
+    blr: float | None = None
+    """base learning rate: the lr at batch 256. Effective lr = blr * batch-size / 256 (printed at start)"""
+    min_lr: float | None = None
+    """lr at the end of the cosine schedule (recipe: the official code's final lr, 0 for most methods)"""
+    weight_decay: float | None = None
+    """AdamW weight decay, not applied to biases and norm weights"""
+    warmup_epochs: float | None = None
+    """epochs of linear lr warm-up from 0 before the cosine decay"""
+    seed: int = 0
+    """seeds every random draw: data order, augmentations, masks, initialisation"""
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    """'cuda' or 'cpu'"""
+    compile: bool | None = None
+    """torch.compile the model (auto: on with CUDA, off on CPU; the first steps are slow while it compiles)"""
+    amp: bool | None = None
+    """bf16 autocast (auto: on with CUDA, off on CPU); no grad scaler is needed with bf16"""
+    num_workers: int = min(8, os.cpu_count() or 1)
+    """data-loading processes; 0 loads in the main process"""
+    out_dir: str = "runs"
+    """each run writes to OUT_DIR/RUN_NAME: checkpoint.pt, log.jsonl, args.json, a copy of this file, pictures"""
+    run_name: str = ""
+    """run folder name (default: <method>-<data>-s<seed>-<date>-<time>); an existing folder is refused, continue it with --resume"""
+    resume: str = ""
+    """a checkpoint.pt (or its run folder) to continue; the run's own settings are kept (other flags given are named and ignored)"""
+    stop_after: int = 0
+    """end this process after this many steps, saving a checkpoint (the schedule still spans the whole run); continue with --resume"""
+    log_every: int = 50
+    """steps between log lines"""
+    save_minutes: float = 10.0
+    """minutes between checkpoints, so a hard kill (SIGKILL, a power cut) loses at most this much; one is also written at the end and on Ctrl-C, SIGTERM or SIGHUP (to the main process or its whole process group)"""
+    benchmark: bool = False
+    """measure training speed instead of training: img/s, TFLOP/s and MFU on synthetic data already on the device"""
+    benchmark_steps: int = 30
+    """timed steps for --benchmark (after 10 warm-up steps, which include compilation), or batches for --benchmark-data"""
+    benchmark_data: bool = False
+    """measure the input pipeline instead of training: img/s of the data loader with --num-workers workers (and per worker), then the device side of the views"""
+    peak_tflops: float = 0.0
+    """the device's peak TFLOP/s for MFU; 0 measures it with a large matmul in the training dtype"""
+    # ==== MSN specific ====
+    patch_drop: float = 0.15
+    """fraction of the random anchor's patches dropped (official ViT-S/16: 0.15)"""
+    focal_views: int = 10
+    """number of focal anchor views (official: 10)"""
+    focal_size: int | None = None
+    """side of the focal views in pixels; a multiple of the patch size (official: 96 at 224; recipe: 16 at 32)"""
+    hidden_dim: int = 2048
+    """hidden width of the projection head (official: 2048)"""
+    proj_dim: int = 256
+    """output width of the projection head, the space of the prototypes (official: 256)"""
+    num_prototypes: int = 1024
+    """K, the number of learnable prototypes (official: 1024)"""
+    tau: float = 0.1
+    """temperature of the anchor predictions (official: 0.1)"""
+    sharpen: float = 0.25
+    """T: target predictions use tau+ = tau * T (official: 0.25, so tau+ = 0.025)"""
+    memax_weight: float = 1.0
+    """lambda of the ME-MAX term (official: 1.0; the seed leaves it open)"""
+    sinkhorn: bool = True
+    """balance the target predictions with 3 Sinkhorn-Knopp iterations (official config: on; the seed: off)"""
+    momentum: float = 0.996
+    """target-encoder momentum at the start, raised linearly toward 1 (official: 0.996)"""
+    final_weight_decay: float = 0.4
+    """weight decay at the end of the horizon; it rises by a cosine from --weight-decay (official: 0.04 -> 0.4)"""
+    warmup_start: float = 0.2
+    """the lr warm-up starts at this fraction of the peak lr, not at 0 (official: start_lr 2e-4 = 0.2 x lr 1e-3)"""
+    horizon: float = 1.25
+    """the lr, weight-decay and momentum schedules span this many times the run, which stops at 1/horizon of them (official: 1.25)"""
+    clip_grad: float = 3.0
+    """gradient-norm clipping of encoder and head (official: 3.0); 0 turns it off"""
+
+# Hyper-parameter presets. A field left at None above is filled from the recipe.
+RECIPES = {
+    # our small-data recipe (no official CIFAR-10 MSN exists); views scaled with the image
+    "cifar10": dict(model="tiny", img_size=32, patch_size=4, epochs=200, batch_size=256, blr=2.5e-4,
+                    min_lr=2.5e-7, weight_decay=0.04, warmup_epochs=4, focal_size=16),
+    # the official ViT-S/16 config (msn_vits16.yaml: 800 epochs, 15 warm-up, lr 1e-3 at batch 1024), at batch 256
+    "imagenet": dict(model="small", img_size=224, patch_size=16, epochs=800, batch_size=256, blr=2.5e-4,
+                     min_lr=2.5e-7, weight_decay=0.04, warmup_epochs=15, focal_size=96),
+}
+
+
+# ---------------------------------------------------------------- train
+def train(args):
+    args, device, resumed = setup(args)  # --resume, the recipe, the seed, the device, torchrun
+    encoder = build_encoder(args, pos_embed="learnable")  # MSN's ViT learns its position table
+    model = MSN(encoder, args.hidden_dim, args.proj_dim, args.num_prototypes, args.patch_drop).to(device)
+    lr = args.blr * args.batch_size * WORLD / 256  # official: an absolute lr, written here per 256 images
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, fused=device.type == "cuda")
+    train_model = prepare(model, args, device, lr)  # DDP on many GPUs, torch.compile; checkpoints save `model`
+    if args.benchmark:
+        sizes = [args.img_size] * 2 + [args.focal_size] * args.focal_views
+        views = [torch.randn(args.batch_size, 3, s, s, device=device) for s in sizes]
+        return run_benchmark(args, device, lambda eager: train_step(model, model if eager else train_model,
+                                                                    optimizer, views, lr, 0.0, args))
+    run = Run(args, model, optimizer, train_transform(args), device)  # the data and the schedule's length
+    if args.benchmark_data:
+        return run_data_benchmark(args, run.loader, device, lambda batch: device_views(batch, args))
+    run.start(resumed)  # a new run folder, or the resumed run's weights, optimizer and RNG
+
+    for views in run.batches():
+        lr_now = lr_at(run.step, round(args.horizon * run.total_steps), run.warmup_steps, lr, args.min_lr,
+                       start_lr=args.warmup_start * lr)  # official WarmupCosineSchedule: from start_lr, 1.25x horizon
+        loss, extras = train_step(model, train_model, optimizer, device_views(views, args), lr_now,
+                                  run.step / run.total_steps, args)
+        run.after_step(loss, lr_now, extras)  # log, and save every --save-minutes, at the end, on a signal
+    return run.ckpt_path
+
+
+# ==== SHARED: machinery, identical in every method file (tests/test_shared_blocks.py); the method ends above ====
+# What no method does differently: flags, data, torchrun, the run around train() (resume, run folder, log,
+# checkpoints, signals), benchmarks, the entry point. Sections marked "also in evaluate.py" are there too.
+
+# ---- argument parsing (also in evaluate.py) ----
+def parse_args(argv=None):
+    """One --kebab-case flag per Args field; the docstring under each field is its --help."""
+    fields = ast.parse(inspect.getsource(Args)).body[0].body
+    helps = {a.target.id: b.value.value for a, b in zip(fields, fields[1:])
+             if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Args):
+        kind = f.type
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # "int | None" -> int
+            kind = next(t for t in typing.get_args(kind) if t is not type(None))
+        default = f.default if f.default is not None else "auto" if kind is bool else "from the recipe"
+        options = dict(default=f.default, help=f"{helps.get(f.name, '')} (default: {default})".replace("%", "%%"))
+        if kind is bool:
+            options.update(action=argparse.BooleanOptionalAction)
+        elif typing.get_origin(kind) is tuple:  # "tuple[str, ...]" -> one or more values
+            options.update(nargs="+", type=typing.get_args(kind)[0])
+        else:
+            options.update(type=kind)
+        parser.add_argument("--" + f.name.replace("_", "-"), **options)
+    return Args(**vars(parser.parse_args(argv)))
+
+# ---- data (also in evaluate.py) ----
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics, used by every method
+
+def normalize(x):
+    """Float images (B, 3, H, W) in [0, 1] -> (x - mean) / std per channel, on x's device."""
+    return (x - torch.tensor(MEAN, device=x.device).view(3, 1, 1)) / torch.tensor(STD, device=x.device).view(3, 1, 1)
+
+class DataError(Exception):
+    """A problem reported as one line, without a traceback: bad input, or a run that diverged."""
+
+class BadImage(DataError):
+    """An image file that cannot be read (a training run saves a checkpoint before it stops)."""
+
+def error_line(e):
+    """The line to print for a DataError; raised in a data worker, its text ends with that line."""
+    return str(e).strip().splitlines()[-1].removeprefix(f"{type(e).__name__}: ")
+
+def check_folder(root):
+    if os.path.isfile(root):
+        raise DataError(f"--data {root!r} is a file; it takes a folder of images (or 'cifar10' or 'fake')")
+    if not os.path.isdir(root):
+        raise DataError(f"data folder {root!r} does not exist (--data takes 'cifar10', 'fake' or a folder)")
+
+def walk_images(top):
+    """(folder, sorted image names) under top, sorted, without hidden files; a folder linked twice is read once."""
+    seen = set()
+    for folder, dirs, files in os.walk(top, followlinks=True):
+        real = os.path.realpath(folder)
+        dirs[:] = [] if real in seen else sorted(d for d in dirs if not d.startswith("."))
+        if real not in seen:
+            seen.add(real)
+            yield folder, sorted(f for f in files if not f.startswith(".") and f.lower().endswith(IMAGE_EXTS))
+
+def find_images(root):
+    """(path, label) pairs and class names for a folder of class folders, or a flat folder (label -1)."""
+    check_folder(root)
+    classes = sorted(d for d in os.listdir(root) if not d.startswith(".") and os.path.isdir(os.path.join(root, d)))
+    samples = [(os.path.join(folder, f), label) for label, name in enumerate(classes)
+               for folder, files in sorted(walk_images(os.path.join(root, name))) for f in files]
+    if not classes:  # a flat folder of unlabelled images
+        samples = [(os.path.join(root, f), -1) for f in next(walk_images(root))[1]]
+    if not samples:
+        raise DataError(f"no images ({', '.join(IMAGE_EXTS)}) found in {root!r}")
+    return samples, classes
+
+class ImageFiles(torch.utils.data.Dataset):
+    """(RGB PIL image, label) for every image file under root (see find_images)."""
+    def __init__(self, root):
+        self.root = root
+        self.samples, self.classes = find_images(root)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        return read_image(self.samples[i][0]), self.samples[i][1]
+
+def read_image(path):
+    """An image file as an RGB PIL image; 16-bit grayscale is scaled to 8 bits (convert() alone would clip it)."""
+    from PIL import Image  # torchvision depends on Pillow
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            img.load()
+        if img.mode.startswith("I"):
+            img = img.convert("I").point(lambda v: v / 256).convert("L")
+        return img if img.mode == "RGB" else img.convert("RGB")
+    except Exception as e:
+        raise BadImage(f"cannot read image {path}: {e}") from None
+
+class FakeImages(torch.utils.data.Dataset):
+    """Synthetic images for smoke runs and tests: a smooth random colour field plus stripes whose orientation
+    and frequency depend on the class (10 classes)."""
+    def __init__(self, n, size=32):
+        self.n, self.size, self.classes = n, size, [f"class{c}" for c in range(10)]
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        label, g, size = i % 10, torch.Generator().manual_seed(i), (self.size, self.size)
+        field = torch.nn.functional.interpolate(torch.rand(1, 3, 4, 4, generator=g), size=size, mode="bilinear")[0]
+        y, x = torch.meshgrid(torch.arange(self.size), torch.arange(self.size), indexing="ij")
+        angle = math.pi * (label % 5) / 5
+        wave = torch.sin((x * math.cos(angle) + y * math.sin(angle)) * (0.3 + 0.3 * (label // 5)))
+        return T.functional.to_pil_image((0.6 * field + 0.4 * (wave + 1) / 2).clamp(0, 1)), label
+
+def build_dataset(data, split="train", img_size=32):
+    """The unaugmented (PIL image, label) data set for --data, split 'train' or 'val'."""
+    if data == "fake":
+        return FakeImages(1000 if split == "train" else 200, size=img_size)
+    if data == "cifar10":
+        root = os.environ.get("CIFAR10_ROOT", os.path.join("data", "cifar10-torchvision"))
+        try:
+            return torchvision.datasets.CIFAR10(root, train=(split == "train"), download=True)
+        except Exception as e:
+            raise DataError(f"could not download CIFAR-10 into {root} ({type(e).__name__}: {e}); without a "
+                            "network, pass --data PATH to a folder of images, e.g. CIFAR-10 as JPEGs") from None
+    for name in ["train"] if split == "train" else ["val", "test"]:  # ImageNet layout: train/ and val/ (or test/)
+        if os.path.isdir(os.path.join(data, name)):
+            return ImageFiles(os.path.join(data, name))
+    if split == "train":  # the folder itself is the training set
+        return ImageFiles(data)
+    raise DataError(f"{data!r} has no val/ or test/ folder of labelled images to evaluate on")
+
+def peek_image_sides(data, count=16):
+    """The short sides of up to `count` images, at most half from one folder; only their headers are read."""
+    if data in ("fake", "cifar10"):
+        return [32]
+    check_folder(data)
+    from PIL import Image
+    sides, paths = [], (os.path.join(folder, f) for folder, files in walk_images(data) for f in files[:count // 2])
+    for path in itertools.islice(paths, count):  # the walk stops there
+        try:
+            with Image.open(path) as im:
+                sides.append(min(im.size))
+        except Exception as e:
+            raise BadImage(f"cannot read image {path}: {e}") from None
+    if not sides:
+        raise DataError(f"no images ({', '.join(IMAGE_EXTS)}) found in {data!r}")
+    return sides
+
+def eval_transform(img_size):
+    """Centre crop: resize to img_size / 0.875, crop (224 -> 256 -> 224); small images are only resized."""
+    resize = round(img_size / 0.875) if img_size >= 96 else img_size
+    return T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(img_size),
+                      T.ToTensor(), T.Normalize(MEAN, STD)])
+
+class Augmented(torch.utils.data.Dataset):
+    """base[index] through transform under the sample's seed from EpochSampler: every augmentation is a function
+    of (run seed, epoch, position in the epoch), with any number of workers or GPUs, and after --resume."""
+    def __init__(self, base, transform):
+        self.base, self.transform = base, transform
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, item):
+        index, seed = item if isinstance(item, tuple) else (item, item)
+        img, label = self.base[index]
+        with torch.random.fork_rng(devices=[]):  # leaves the caller's RNG untouched
+            torch.manual_seed(seed)
+            return self.transform(img), label
+
+class EpochSampler(torch.utils.data.Sampler):
+    """(index, augmentation seed) pairs shuffled by (seed, epoch), in whole global batches of batch_size x world,
+    each rank yielding its part in rank order: a step's global batch is the same on any number of GPUs.
+    set_epoch(epoch, skip) skips the samples done before a resume."""
+    def __init__(self, n, seed, batch_size=1, rank=0, world=1):
+        self.n, self.seed, self.epoch, self.skip = n, seed, 0, 0
+        self.batch, self.rank, self.world = batch_size, rank, world
+
+    def set_epoch(self, epoch, skip=0):
+        self.epoch, self.skip = epoch, skip
+
+    def __len__(self):
+        return (self.n // (self.batch * self.world) * self.batch * self.world - self.skip) // self.world
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.n, generator=g).tolist()
+        seeds = torch.randint(0, 2**62, (self.n,), generator=g).tolist()
+        step = self.batch * self.world
+        for start in range(self.skip, self.n // step * step, step):
+            mine = slice(start + self.rank * self.batch, start + (self.rank + 1) * self.batch)
+            yield from zip(order[mine], seeds[mine])
+
+def worker_ignores_signals(worker_id):
+    """Data workers leave Ctrl-C, SIGTERM, SIGHUP (sent to the whole process group) to the main process, which saves."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
+
+@atexit.register
+def end_workers():
+    """At exit (an error, a second Ctrl-C), end the data workers still alive: they ignore the signals."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # their end is expected, not a worker failure
+    for worker in multiprocessing.active_children():
+        worker.kill()
+
+# ---- many GPUs (torchrun): the set-up; what a method does with a split batch is part of the method ----
+RANK, WORLD = 0, 1  # this process's rank and the number of processes: (0, 1) without torchrun
+
+def init_distributed(device):
+    """Under torchrun: one process per GPU, joined by NCCL (gloo on the CPU); only rank 0 prints."""
+    global RANK, WORLD
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return device
+    RANK, WORLD = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    atexit.register(dist.destroy_process_group)
+    if RANK > 0:  # errors still reach stderr
+        sys.stdout = open(os.devnull, "w")
+    return device
+
+def rank_mean(x):
+    """The mean of x over the ranks (for the log: the global batch's loss)."""
+    return torch.distributed.nn.functional.all_reduce(x.detach()) / WORLD if WORLD > 1 else x
+
+def sync_stop(stop, device):
+    """A signal that reached any rank stops every rank after the same step."""
+    if WORLD > 1:
+        flag = torch.tensor([float(bool(stop))], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and not stop:
+            stop.append("another rank")
+
+# ---- the run around train(): set-up, recipe, schedule, resume, log, checkpoints, signals ----
+def setup(args):
+    """Before the model: --resume (the run keeps its own settings), the recipe, the seed, the device, torchrun,
+    bf16 and compile (auto: on with CUDA). Returns (args, device, the resumed checkpoint or None)."""
+    resumed = None
+    if args.resume:  # only these flags may change on resume
+        resumed, path = load_checkpoint(args.resume)
+        keep = {k: getattr(args, k) for k in ("device", "compile", "amp", "num_workers", "stop_after", "log_every", "save_minutes")}
+        ignored = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(Args) if f.name not in keep and
+                   f.name != "resume" and getattr(args, f.name) not in (f.default, resumed["args"].get(f.name))]
+        if ignored:
+            print(f"warning: --resume continues the run with its own settings; ignored: {', '.join(ignored)}")
+        args = Args(**{**resumed["args"], **keep, "resume": path})
+    args.recipe = apply_recipe(args)
+    torch.manual_seed(args.seed)  # CPU runs are bit-exact; GPU kernels and torch.compile may differ slightly
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        raise DataError(f"unknown --device {args.device!r}; use 'cuda', 'cuda:N' or 'cpu'")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise DataError("--device cuda was asked for but no GPU is visible; use --device cpu")
+    device = init_distributed(torch.device(args.device))  # under torchrun: this rank's GPU
+    args.amp, args.compile = (device.type == "cuda" if v is None else v for v in (args.amp, args.compile))
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return args, device, resumed
+
+def apply_recipe(args):
+    """Fill the fields left at None from the recipe, check the values, return the recipe's name. 'auto' looks
+    at the median short side of several images, so that one odd image does not decide."""
+    recipe = args.recipe
+    if recipe == "auto":
+        sides = sorted(peek_image_sides(args.data))
+        recipe = "imagenet" if sides[len(sides) // 2] >= 64 else "cifar10"
+        if args.data not in ("fake", "cifar10"):
+            print(f"recipe auto: {len(sides)} images looked at, short sides {sides[0]} to {sides[-1]} px, "
+                  f"median {sides[len(sides) // 2]} px -> {recipe} (64 px or more: imagenet)")
+    if recipe not in RECIPES:
+        raise DataError(f"unknown --recipe {recipe!r}; choose one of {sorted(RECIPES)} or 'auto'")
+    for name, value in RECIPES[recipe].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    for name in ("img_size", "patch_size", "batch_size", "epochs", "blr", "log_every", "benchmark_steps"):
+        if getattr(args, name) <= 0:
+            raise DataError(f"--{name.replace('_', '-')} must be more than 0, not {getattr(args, name)}")
+    for name in ("steps", "stop_after", "num_workers", "min_lr", "weight_decay", "warmup_epochs", "save_minutes"):
+        if getattr(args, name) < 0:
+            raise DataError(f"--{name.replace('_', '-')} must be 0 or more, not {getattr(args, name)}")
+    return recipe
+
+def build_encoder(args, **kwargs):
+    """The ViT of --model-dims (width,depth,heads) or --model, at --img-size and --patch-size."""
+    if args.img_size % args.patch_size:
+        raise DataError(f"--img-size {args.img_size} is not divisible by --patch-size {args.patch_size}")
+    try:
+        return ViT.from_name(args.model_dims or args.model, img_size=args.img_size, patch_size=args.patch_size, **kwargs)
+    except ValueError as e:  # vit.py checks the size
+        raise DataError(f"--model{'-dims' if args.model_dims else ''} {e}") from None
+
+def prepare(model, args, device, lr):
+    """Print the run's first line; return the model to train: in DDP on many GPUs, compiled with --compile."""
+    print(f"{METHOD} | recipe {args.recipe} | ViT-{args.model_dims or args.model}/{args.patch_size} at {args.img_size} px "
+          f"({sum(p.numel() for p in model.encoder.parameters()) / 1e6:.1f} M encoder, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M total) | batch {WORLD * args.batch_size} = "
+          f"{WORLD} x {args.batch_size} | lr {lr:.2e} (blr {args.blr:.2e} x {args.batch_size * WORLD}/256) | "
+          f"wd {args.weight_decay} | {device} bf16={args.amp} compile={args.compile}")
+    if WORLD > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    return torch.compile(model) if args.compile else model
+
+def autocast(args):
+    """bf16 autocast with --amp (bf16 needs no gradient scaler)."""
+    return torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.amp)
+
 def to_device(batch, device):
-    """A batch is a tensor or a (nested) list of them (uint8 crops, colour parameters); move it to the
-    device without blocking."""
+    """A tensor, or a nested list of them (uint8 crops, colour parameters), moved without blocking."""
     if isinstance(batch, (list, tuple)):
         return [to_device(b, device) for b in batch]
     return batch.to(device, non_blocking=True)
 
+class Run:
+    """The loop's bookkeeping: data, schedule length, run folder or resumed state, log, checkpoints, signals."""
+    def __init__(self, args, model, optimizer, transform, device):
+        self.args, self.model, self.optimizer, self.device = args, model, optimizer, device
+        self.dataset = Augmented(build_dataset(args.data, "train", args.img_size), transform)
+        self.global_batch = args.batch_size * WORLD  # --batch-size is per GPU
+        self.steps_per_epoch = len(self.dataset) // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise DataError(f"{args.data} has {len(self.dataset)} images, fewer than one batch of {self.global_batch}")
+        self.sampler = EpochSampler(len(self.dataset), args.seed, args.batch_size, RANK, WORLD)
+        self.loader = torch.utils.data.DataLoader(
+            self.dataset, args.batch_size, sampler=self.sampler, drop_last=True, num_workers=args.num_workers,
+            pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0, worker_init_fn=worker_ignores_signals,
+            generator=torch.Generator().manual_seed(args.seed))  # its own generator: the global RNG (masks) is untouched
+        self.total_steps = args.steps or args.epochs * self.steps_per_epoch
+        warmup = round(self.total_steps * args.warmup_epochs / args.epochs)
+        self.warmup_capped = warmup > self.total_steps // 2  # e.g. --epochs 5 with a 10-epoch warm-up: the lr
+        self.warmup_steps = min(warmup, self.total_steps // 2)  # would never peak
+        self.step, self.stop, self.losses = 0, [], []
+
+    def start(self, resumed=None):
+        args = self.args
+        if resumed:
+            self.model.load_state_dict(resumed["model"])
+            self.optimizer.load_state_dict(resumed["optimizer"])
+            torch.set_rng_state(resumed["rng"]["torch"])
+            if self.device.type == "cuda" and resumed["rng"].get("cuda") is not None:
+                torch.cuda.set_rng_state(resumed["rng"]["cuda"], self.device)
+            self.step = resumed["step"]
+            print(f"resumed from {args.resume} at step {self.step}")
+            if resumed.get("num_images", len(self.dataset)) != len(self.dataset):
+                print(f"warning: {args.data} now has {len(self.dataset)} images, the run started with "
+                      f"{resumed['num_images']}: from here on the samples are drawn from the changed data set")
+        run_dir = [os.path.dirname(args.resume) if args.resume else make_run_dir(args) if RANK == 0 else None]
+        if WORLD > 1:  # the folder rank 0 made
+            dist.broadcast_object_list(run_dir)
+        self.dir, self.ckpt_path = run_dir[0], os.path.join(run_dir[0], "checkpoint.pt")
+        if RANK == 0:  # the settings and the code that produced this run
+            pathlib.Path(self.dir, "args.json").write_text(json.dumps(dict(dataclasses.asdict(args), world_size=WORLD), indent=1))
+            shutil.copyfile(__file__, os.path.join(self.dir, f"{METHOD}.py"))
+        print(f"{len(self.dataset)} images | {self.steps_per_epoch} steps/epoch | {self.total_steps} steps "
+              f"({self.total_steps / self.steps_per_epoch:.1f} epochs, warm-up {self.warmup_steps}"
+              f"{' = half the run' if self.warmup_capped else ''}) | writing to {self.dir}")
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, self.request_stop)
+        self.end_step = min(self.total_steps, self.step + args.stop_after) if args.stop_after else self.total_steps
+        self.logger, self.last_save = Logger(self.dir, self.total_steps, self.global_batch, self.step), time.monotonic()
+
+    def request_stop(self, signum, frame):  # finish the step, save, exit
+        self.stop.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step (Ctrl-C again to quit now)", flush=True)
+
+    def batches(self):
+        """Each step's views on the device (the wait timed); an unreadable image ends the run with a checkpoint."""
+        while self.step < self.end_step and not self.stop:
+            self.sampler.set_epoch(self.step // self.steps_per_epoch, skip=self.step % self.steps_per_epoch * self.global_batch)
+            it = iter(self.loader)
+            while True:
+                t = time.perf_counter()
+                try:
+                    batch = next(it, None)
+                except BadImage as e:
+                    self.save()
+                    raise BadImage(f"{error_line(e)}; saved a checkpoint at step {self.step}: replace or remove that "
+                                   f"file, then continue with --resume {self.dir}") from None
+                self.logger.waited += time.perf_counter() - t
+                if batch is None:
+                    break
+                yield to_device(batch[0], self.device)  # the views; the labels are not used
+                if self.step == self.end_step or self.stop or self.step % self.steps_per_epoch == 0:
+                    break  # the next epoch reshuffles
+        print(f"{'stopped' if self.step < self.total_steps else 'finished'} at step {self.step}/{self.total_steps}; "
+              f"checkpoint: {self.ckpt_path}")
+
+    def after_step(self, loss, lr, extras):
+        self.losses.append(loss)
+        self.step += 1
+        sync_stop(self.stop, self.device)
+        if self.step % self.args.log_every == 0 or self.step == self.end_step:
+            mean_loss = check_finite(self.losses, self.step - len(self.losses) + 1)
+            self.logger.log(self.step, (self.step - 1) // self.steps_per_epoch, mean_loss, lr,
+                            {k: rank_mean(v).item() for k, v in extras.items()})
+            self.losses = []
+        if time.monotonic() - self.last_save > 60 * self.args.save_minutes or self.step == self.end_step or self.stop:
+            self.save()
+
+    def save(self):  # rank 0 writes; every rank holds the same weights
+        if RANK == 0:
+            names = {id(p): name for name, p in self.model.named_parameters()}  # what the optimizer's indices are
+            save_checkpoint(self.ckpt_path, {
+                "method": METHOD, "args": dataclasses.asdict(self.args), "step": self.step, "num_images": len(self.dataset),
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "optimizer_param_names": [[names[id(p)] for p in g["params"]] for g in self.optimizer.param_groups],
+                "rng": {"torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},
+                "encoder": self.model.encoder.state_dict(), "encoder_config": self.model.encoder.config,
+                **encoders_to_save(self.model)})
+        self.last_save = time.monotonic()
 
 def save_checkpoint(path, state):
-    """Write to a temporary file, then rename: a run killed mid-save keeps its previous checkpoint.
-    Weights that are not finite (a diverged step) never replace a good checkpoint."""
+    """Write, then rename: a kill mid-save, NaN weights or a full disk leave the previous checkpoint in place."""
     if not all(t.isfinite().all() for t in state["model"].values() if t.is_floating_point()):
         raise DataError(f"the weights are NaN or inf at step {state['step']}: training diverged; the last good "
                         f"checkpoint {path} is kept; try a lower --blr or a longer warm-up")
@@ -905,21 +981,32 @@ def save_checkpoint(path, state):
     try:
         torch.save(state, tmp)
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # a full disk, a lost mount: keep the previous checkpoint, no partial file
+    except (OSError, RuntimeError) as e:
         if os.path.exists(tmp):
             os.remove(tmp)
         reason = os.strerror(e.errno) if isinstance(e, OSError) and e.errno else str(e).splitlines()[0]
         raise DataError(f"cannot write checkpoint {path}: {reason} (disk full?); the previous checkpoint is kept") from None
 
+def load_checkpoint(path):
+    path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
+    if not os.path.isfile(path):
+        raise DataError(f"checkpoint {path!r} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DataError(f"cannot load checkpoint {path}: not a PyTorch checkpoint, or a truncated or damaged "
+                        f"one ({type(e).__name__})") from None
+    method = ckpt.get("method") if isinstance(ckpt, dict) else None
+    if method != METHOD:
+        raise DataError(f"{path} is not a {METHOD}.py checkpoint (method: {method!r})")
+    return ckpt, path
 
 def make_run_dir(args):
-    """Create OUT_DIR/RUN_NAME, and only a new one: an existing run folder is never written into unless
-    resumed. Without --run-name the name is <method>-<data>-s<seed>-<date>-<time>, with -2, -3, ...
-    added when two runs start in the same second."""
+    """A new folder OUT_DIR/RUN_NAME (default <method>-<data>-s<seed>-<date>-<time>, then -2, -3, ...)."""
     if os.path.isfile(args.out_dir):
         raise DataError(f"--out-dir {args.out_dir!r} is a file, not a folder")
     name = args.run_name or f"{METHOD}-{os.path.basename(os.path.normpath(args.data))}-s{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
-    for attempt in range(1, 1000):
+    for attempt in itertools.count(1):
         run_dir = os.path.join(args.out_dir, name if attempt == 1 else f"{name}-{attempt}")
         try:
             os.makedirs(args.out_dir, exist_ok=True)
@@ -931,363 +1018,110 @@ def make_run_dir(args):
                                 "or choose another --run-name") from None
         except OSError as e:
             raise DataError(f"cannot create run folder {run_dir}: {os.strerror(e.errno) if e.errno else e}") from None
-    raise DataError(f"cannot find a free run folder name for {name} in {args.out_dir}")
-
-
-def param_names(model, optimizer):
-    """The names of the optimizer's parameters, group by group: what its state's indices refer to."""
-    names = {id(p): name for name, p in model.named_parameters()}
-    return [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
-
-
-def load_checkpoint(path):
-    if os.path.isdir(path):
-        path = os.path.join(path, "checkpoint.pt")
-    if not os.path.isfile(path):
-        raise DataError(f"checkpoint {path!r} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise DataError(f"cannot load checkpoint {path}: not a PyTorch checkpoint, or a truncated or damaged "
-                        f"one ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("method") != METHOD:
-        found = ckpt.get("method") if isinstance(ckpt, dict) else None
-        raise DataError(f"{path} is not a {METHOD}.py checkpoint (method: {found!r})")
-    return ckpt, path
-
-
-def rng_state(device):
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state, device):
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
 
 class Logger:
-    """One fixed-format line every log_every steps, and the same values as JSON lines in log.jsonl."""
-
+    """A fixed-format line every --log-every steps, and the same values as JSON lines in log.jsonl."""
     def __init__(self, run_dir, total_steps, batch_size, start_step):
         self.path, self.total, self.batch = os.path.join(run_dir, "log.jsonl"), total_steps, batch_size
-        self.t0, self.step0 = time.perf_counter(), start_step  # the first window also counts start-up
-        self.waited = 0.0  # seconds spent waiting for the data loader in this window (added by batches())
+        self.t0, self.step0, self.waited = time.perf_counter(), start_step, 0.0  # waited: for data, in this window
         if RANK == 0 and os.path.exists(self.path):  # a resumed run: drop what was logged after its checkpoint
-            with open(self.path) as f:
-                lines = [line for line in f if line.endswith("}\n") and json.loads(line)["step"] <= start_step]
-            with open(self.path, "w") as f:
-                f.writelines(lines)
+            lines = pathlib.Path(self.path).read_text().splitlines(keepends=True)
+            pathlib.Path(self.path).write_text("".join(l for l in lines if l.endswith("}\n") and json.loads(l)["step"] <= start_step))
 
     def log(self, step, epoch, loss, lr, extras):
         now = time.perf_counter()
         ips = (step - self.step0) * self.batch / (now - self.t0)
         eta = (self.total - step) * self.batch / ips if ips > 0 else float("nan")
-        wait = self.waited / (now - self.t0)  # the share of wall time the model waited for data
+        wait = self.waited / (now - self.t0)  # the share of wall time spent waiting for data
         self.t0, self.step0, self.waited = now, step, 0.0
         eta_text = "--:--" if math.isnan(eta) else f"{int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}"
-        line = (f"step {step:>7d}/{self.total} | epoch {epoch:>3d} | loss {loss:.4f} | lr {lr:.2e} | {ips:>6.0f} img/s | "
-                f"ETA {eta_text} | data wait {100 * wait:.0f}%")
-        line += "".join(f" | {k} {v:.4g}" for k, v in extras.items())
-        print(line, flush=True)
-        record = {"step": step, "epoch": epoch, "train/loss": loss, "train/lr": lr, "train/img_per_s": ips,
-                  "train/data_wait": wait}
-        record.update({f"train/{k}": v for k, v in extras.items()})
+        print(f"step {step:>7d}/{self.total} | epoch {epoch:>3d} | loss {loss:.4f} | lr {lr:.2e} | {ips:>6.0f} img/s | "
+              f"ETA {eta_text} | data wait {100 * wait:.0f}%" + "".join(f" | {k} {v:.4g}" for k, v in extras.items()), flush=True)
         if RANK == 0:
             with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
+                f.write(json.dumps({"step": step, "epoch": epoch, "train/loss": loss, "train/lr": lr, "train/img_per_s": ips,
+                                    "train/data_wait": wait, **{f"train/{k}": v for k, v in extras.items()}}) + "\n")
 
 def check_finite(losses, first_step):
-    """Stop with the exact step at which the loss stopped being finite (checked once per log window);
-    on many GPUs the losses are the global batch's, so every rank stops at the same step."""
+    """The window's mean loss (over all ranks); stops at the first step whose loss is not finite."""
     values = rank_mean(torch.stack(losses).float()).cpu()
     bad = (~torch.isfinite(values)).nonzero()
     if len(bad):
-        step = first_step + int(bad[0])
-        raise DataError(f"loss is {values[bad[0]].item()} at step {step}: training diverged; "
+        raise DataError(f"loss is {values[bad[0]].item()} at step {first_step + int(bad[0])}: training diverged; "
                         "try a lower --blr or a longer warm-up")
     return values.mean().item()
 
-
-def measure_peak_tflops(device, dtype):
-    """Peak matmul throughput of this device in the training dtype: 8192^3 matmuls on CUDA."""
-    n, reps = (8192, 20) if device.type == "cuda" else (1024, 5)
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
+# ---- benchmarks ----
+def timed(fn, n, device):
+    """Seconds per call of fn() over n calls, the device's queue drained before and after."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
+    for _ in range(n):
+        fn()
     sync()
-    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e12
-
-
-def run_data_benchmark(args, loader, device, views_fn):
-    """The input pipeline alone: img/s of the loader's CPU side (decode, crops, flips, colour parameters)
-    with --num-workers workers, over --benchmark-steps batches after the workers' first batch; then the
-    device side (views_fn: colour and normalisation on the whole batch) on the same batches."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    def epochs():  # as many epochs as the measurement needs (a small folder may hold only a few batches)
-        for epoch in range(10**9):
-            loader.sampler.set_epoch(epoch)
-            yield from loader
-    batches, it = [], epochs()
-    next(it)  # start-up: the workers' first batch
-    t = time.perf_counter()
-    for _ in range(args.benchmark_steps):
-        batches.append(next(it)[0])  # the views; the labels are not used
-    loader_s = time.perf_counter() - t
-    batches = [to_device(b, device) for b in batches]
-    sync()
-    t = time.perf_counter()
-    for batch in batches:
-        views_fn(batch)
-    sync()
-    device_s = time.perf_counter() - t
-    n = args.benchmark_steps * args.batch_size
-    workers = max(args.num_workers, 1)
-    result = {"method": METHOD, "data": args.data, "img_size": args.img_size, "batch_size": args.batch_size,
-              "num_workers": args.num_workers, "loader_img_per_s": n / loader_s,
-              "loader_img_per_s_per_worker": n / loader_s / workers, "device": str(device),
-              "device_views_img_per_s": n / device_s, "device_views_ms_per_batch": 1000 * device_s / args.benchmark_steps}
-    print(f"benchmark-data | {args.data} at {args.img_size} px | batch {args.batch_size} | {args.num_workers} workers")
-    print(f"benchmark-data | loader (CPU side) {result['loader_img_per_s']:,.0f} img/s = "
-          f"{result['loader_img_per_s_per_worker']:,.0f} per worker | device side ({device}) "
-          f"{result['device_views_img_per_s']:,.0f} img/s, {result['device_views_ms_per_batch']:.1f} ms per batch")
-    print(json.dumps(result))
-    return result
-
+    return (time.perf_counter() - t) / n
 
 def run_benchmark(args, device, step_fn):
-    """Time step_fn() (one forward, backward and optimizer step on synthetic data already on the
-    device); count the FLOPs of one eager step with torch.utils.flop_counter; report MFU against
-    the device's peak."""
+    """img/s of step_fn(eager=False), one training step on synthetic data on the device, after 10 warm-up steps
+    (compilation included); its FLOPs, counted on one eager step; MFU against the device's peak."""
     from torch.utils.flop_counter import FlopCounterMode
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(10):  # warm-up, includes compilation
-        step_fn()
-    sync()
+    timed(lambda: step_fn(False), 10, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    t = time.perf_counter()
-    for _ in range(args.benchmark_steps):
-        step_fn()
-    sync()
-    seconds = (time.perf_counter() - t) / args.benchmark_steps
-    with FlopCounterMode(display=False) as counter:  # one eager step of the same model
-        step_fn(eager=True)
+    seconds = timed(lambda: step_fn(False), args.benchmark_steps, device)
+    with FlopCounterMode(display=False) as counter:
+        step_fn(True)
     flops = counter.get_total_flops()
     peak = args.peak_tflops or measure_peak_tflops(device, torch.bfloat16 if args.amp else torch.float32)
-    achieved = flops / seconds / 1e12
     mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    result = {"method": METHOD, "device": name, "torch": torch.__version__, "model": args.model_dims or args.model,
-              "img_size": args.img_size, "patch_size": args.patch_size, "batch_size": args.batch_size,
-              "amp_bf16": args.amp, "compile": args.compile,
-              "img_per_s": args.batch_size / seconds, "ms_per_step": 1000 * seconds,
-              "gflop_per_img": flops / args.batch_size / 1e9, "tflops": achieved, "peak_tflops": peak,
-              "mfu": achieved / peak, "peak_mem_gib": mem}
-    print(f"benchmark | {name} | torch {torch.__version__} | {result['model']}/{args.patch_size} at "
-          f"{args.img_size} px | batch {args.batch_size} | bf16 {args.amp} | compile {args.compile}")
-    print(f"benchmark | {result['img_per_s']:,.0f} img/s | {result['ms_per_step']:.1f} ms/step | "
-          f"{result['gflop_per_img']:.1f} GFLOP/img (fwd+bwd) | {achieved:.1f} TFLOP/s | MFU {100 * result['mfu']:.1f}% "
-          f"of {peak:.3g} TFLOP/s | peak memory {'n/a' if mem is None else f'{mem:.2f} GiB'}")
-    print(json.dumps(result))
-    return result
-# ==== end SHARED ====
+    r = {"method": METHOD, "device": name, "torch": torch.__version__, "model": args.model_dims or args.model,
+         "img_size": args.img_size, "patch_size": args.patch_size, "batch_size": args.batch_size, "amp_bf16": args.amp,
+         "compile": args.compile, "img_per_s": args.batch_size / seconds, "ms_per_step": 1000 * seconds,
+         "gflop_per_img": flops / args.batch_size / 1e9, "tflops": flops / seconds / 1e12, "peak_tflops": peak,
+         "mfu": flops / seconds / 1e12 / peak, "peak_mem_gib": mem}
+    print(f"benchmark | {name} | torch {torch.__version__} | {r['model']}/{args.patch_size} at {args.img_size} px | "
+          f"batch {args.batch_size} | bf16 {args.amp} | compile {args.compile}\nbenchmark | {r['img_per_s']:,.0f} img/s | "
+          f"{r['ms_per_step']:.1f} ms/step | {r['gflop_per_img']:.1f} GFLOP/img (fwd+bwd) | {r['tflops']:.1f} TFLOP/s | "
+          f"MFU {100 * r['mfu']:.1f}% of {peak:.3g} TFLOP/s | peak memory {'n/a' if mem is None else f'{mem:.2f} GiB'}")
+    print(json.dumps(r))
+    return r
 
+def measure_peak_tflops(device, dtype):
+    """Peak matmul throughput of this device in the training dtype (8192^3 matmuls on CUDA)."""
+    n, reps = (8192, 20) if device.type == "cuda" else (1024, 5)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    timed(lambda: a @ b, 3, device)  # warm-up
+    return 2 * n**3 / timed(lambda: a @ b, reps, device) / 1e12
 
-def train(args):
-    # ==== SHARED: set-up (recipe, run folder, seeding, device, AMP), identical in every method file ====
-    resumed = None
-    if args.resume:  # the run continues with its own settings; only these may change on resume
-        resumed, ckpt_path = load_checkpoint(args.resume)
-        keep = {k: getattr(args, k) for k in ("device", "compile", "amp", "num_workers", "stop_after", "log_every", "save_minutes")}
-        ignored = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(Args) if f.name not in keep and
-                   f.name != "resume" and getattr(args, f.name) not in (f.default, resumed["args"].get(f.name))]
-        if ignored:
-            print(f"warning: --resume continues the run with its own settings; ignored: {', '.join(ignored)}")
-        args = Args(**{**resumed["args"], **keep, "resume": ckpt_path})
-    recipe = apply_recipe(args)
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)  # CPU runs are bit-exact; GPU kernels and torch.compile may still differ slightly
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise DataError(f"unknown --device {args.device!r}; use 'cuda', 'cuda:N' or 'cpu'")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DataError("--device cuda was asked for but no GPU is visible; use --device cpu")
-    device = init_distributed(device)  # under torchrun: this rank's GPU, and the process group
-    if args.amp is None:  # "auto": bf16 autocast and torch.compile on with CUDA, off on the CPU unless asked for
-        args.amp = device.type == "cuda"
-    if args.compile is None:
-        args.compile = device.type == "cuda"
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    # ==== end SHARED ====
+def run_data_benchmark(args, loader, device, views_fn):
+    """The input pipeline alone: img/s of the loader (decode, crops, flips, colour parameters) with --num-workers
+    workers, over --benchmark-steps batches after the first; then of the device side (views_fn) on those batches."""
+    def endless():  # as many epochs as it takes: a small folder holds only a few batches
+        for epoch in itertools.count():
+            loader.sampler.set_epoch(epoch)
+            yield from (batch[0] for batch in loader)  # the views; the labels are not used
+    batches, cpu_side = endless(), []
+    next(batches)  # start-up: the workers' first batch
+    loader_s = timed(lambda: cpu_side.append(next(batches)), args.benchmark_steps, torch.device("cpu"))
+    on_device = iter([to_device(b, device) for b in cpu_side])
+    device_s = timed(lambda: views_fn(next(on_device)), args.benchmark_steps, device)
+    r = {"method": METHOD, "data": args.data, "img_size": args.img_size, "batch_size": args.batch_size,
+         "num_workers": args.num_workers, "loader_img_per_s": args.batch_size / loader_s,
+         "loader_img_per_s_per_worker": args.batch_size / loader_s / max(args.num_workers, 1), "device": str(device),
+         "device_views_img_per_s": args.batch_size / device_s, "device_views_ms_per_batch": 1000 * device_s}
+    print(f"benchmark-data | {args.data} at {args.img_size} px | batch {args.batch_size} | {args.num_workers} workers\n"
+          f"benchmark-data | loader (CPU side) {r['loader_img_per_s']:,.0f} img/s = {r['loader_img_per_s_per_worker']:,.0f} "
+          f"per worker | device side ({device}) {r['device_views_img_per_s']:,.0f} img/s, "
+          f"{r['device_views_ms_per_batch']:.1f} ms per batch")
+    print(json.dumps(r))
+    return r
 
-    # model and optimizer
-    encoder = build_encoder(args, pos_embed="learnable")  # MSN's ViT learns its position table
-    model = MSN(encoder, args.hidden_dim, args.proj_dim, args.num_prototypes, args.patch_drop).to(device)
-    lr = args.blr * args.batch_size * WORLD / 256  # official: an absolute lr, written here per 256 images
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, fused=device.type == "cuda")
-    train_model = distribute(model, device)  # DDP on many GPUs; checkpoints save `model`, never `train_model`
-    train_model = torch.compile(train_model) if args.compile else train_model
-
-    def train_step(views, lr_now, progress, eager=False):
-        """One optimizer step on a batch already on the device, at lr_now and at `progress` (0 to 1)
-        through training; returns the loss and extra metrics (tensors: no sync with the GPU)."""
-        h = progress / args.horizon  # the schedules span --horizon times the run
-        wd_now = args.final_weight_decay + (args.weight_decay - args.final_weight_decay) * 0.5 * (1 + math.cos(math.pi * h))
-        for group in optimizer.param_groups:
-            group["lr"] = lr_now
-            if group["scheduled_wd"]:
-                group["weight_decay"] = wd_now  # cosine from 0.04 up to 0.4
-        with autocast:
-            z, z_plus = (model if eager else train_model)(*views)
-        loss, ce, entropy = msn_loss(z, z_plus, model.prototypes, args.tau, args.sharpen, args.memax_weight, args.sinkhorn)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if WORLD > 1:  # official: the prototypes sit outside DDP and their gradient is summed over GPUs (AllReduceSum)
-            model.prototypes.grad *= WORLD  # DDP averaged it: x WORLD gives that sum
-        if args.clip_grad:
-            torch.nn.utils.clip_grad_norm_(list(model.encoder.parameters()) + list(model.head.parameters()), args.clip_grad)
-        optimizer.step()
-        model.momentum_update(args.momentum + (1 - args.momentum) * h)  # linear toward 1, after the step
-        # collapse indicators: H(p+, p), the ME-MAX term, and H(p_bar) as exp(H) = prototypes in use
-        return loss.detach(), {"ce": ce, "memax": -args.memax_weight * entropy, "entropy": entropy,
-                               "prototypes_used": entropy.exp()}
-
-    print(f"{METHOD} | recipe {recipe} | ViT-{args.model_dims or args.model}/{args.patch_size} at {args.img_size} px "
-          f"({sum(p.numel() for p in encoder.parameters()) / 1e6:.1f} M encoder, "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M total) | batch {WORLD * args.batch_size} = {WORLD} x {args.batch_size} | "
-          f"lr {lr:.2e} (blr {args.blr:.2e} x {args.batch_size * WORLD}/256) | wd {args.weight_decay} | "
-          f"{device} bf16={args.amp} compile={args.compile}")
-    if args.benchmark:
-        sizes = [args.img_size] * 2 + [args.focal_size] * args.focal_views
-        views = [torch.randn(args.batch_size, 3, s, s, device=device) for s in sizes]
-        return run_benchmark(args, device, lambda eager=False: train_step(views, lr, 0.0, eager))
-
-    # ==== SHARED: data loader, schedule length, resume, identical in every method file ====
-    dataset = Augmented(build_dataset(args.data, "train", args.img_size), train_transform(args))
-    global_batch = args.batch_size * WORLD  # --batch-size is per GPU
-    steps_per_epoch = len(dataset) // global_batch
-    if steps_per_epoch == 0:
-        raise DataError(f"{args.data} has {len(dataset)} images, fewer than one batch of {global_batch}")
-    sampler = EpochSampler(len(dataset), args.seed, args.batch_size, RANK, WORLD)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
-                                         num_workers=args.num_workers, pin_memory=device.type == "cuda",
-                                         persistent_workers=args.num_workers > 0, worker_init_fn=worker_ignores_signals,
-                                         generator=torch.Generator().manual_seed(args.seed))  # keeps the global RNG (masks) untouched
-    if args.benchmark_data:
-        return run_data_benchmark(args, loader, device, lambda batch: device_views(batch, args))
-    total_steps = args.steps or args.epochs * steps_per_epoch
-    warmup_steps = round(total_steps * args.warmup_epochs / args.epochs)
-    capped = warmup_steps > total_steps // 2  # e.g. --epochs 5 with a 10-epoch warm-up: the lr would never peak
-    warmup_steps = min(warmup_steps, total_steps // 2)
-    step = 0
-    if resumed:
-        model.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        set_rng_state(resumed["rng"], device)
-        step = resumed["step"]
-        print(f"resumed from {args.resume} at step {step}")
-        if resumed.get("num_images", len(dataset)) != len(dataset):
-            print(f"warning: {args.data} now has {len(dataset)} images, the run started with {resumed['num_images']}: "
-                  "from here on the samples are drawn from the changed data set, in a different order")
-    run_dir = os.path.dirname(args.resume) if args.resume else make_run_dir(args) if RANK == 0 else None
-    if WORLD > 1:  # the folder rank 0 made
-        run_dir = [run_dir]
-        dist.broadcast_object_list(run_dir)
-        run_dir = run_dir[0]
-    if RANK == 0:
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(dict(dataclasses.asdict(args), world_size=WORLD), f, indent=1)
-        with open(os.path.join(run_dir, f"{METHOD}.py"), "w") as f:  # the code that produced this run
-            f.write(open(__file__).read())
-    ckpt_path = os.path.join(run_dir, "checkpoint.pt")
-    print(f"{len(dataset)} images | {steps_per_epoch} steps/epoch | {total_steps} steps "
-          f"({total_steps / steps_per_epoch:.1f} epochs, warm-up {warmup_steps}{' = half the run' if capped else ''}) | "
-          f"writing to {run_dir}")
-
-    def checkpoint():  # rank 0 writes it; every rank holds the same weights
-        if RANK == 0:
-            save_checkpoint(ckpt_path, {
-                "method": METHOD, "args": dataclasses.asdict(args), "step": step,
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state(device),
-                "encoder": model.encoder.state_dict(), "encoder_config": model.encoder.config,
-                "num_images": len(dataset), "optimizer_param_names": param_names(model, optimizer),
-                **encoders_to_save(model),
-            })
-
-    def batches():  # the loader's batches, timing the wait for each; an unreadable image ends the run with a checkpoint
-        try:
-            it = iter(loader)
-            while True:
-                t = time.perf_counter()
-                batch = next(it, None)
-                logger.waited += time.perf_counter() - t
-                if batch is None:
-                    return
-                yield batch
-        except BadImage as e:
-            checkpoint()
-            raise BadImage(f"{error_line(e)}; saved a checkpoint at step {step}: replace or remove that file, then "
-                           f"continue with --resume {run_dir}") from None
-
-    stop = []  # Ctrl-C / SIGTERM / SIGHUP: finish the step, save, exit; a second Ctrl-C stops at once
-    def request_stop(signum, frame):
-        stop.append(signum)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step (Ctrl-C again to quit now)", flush=True)
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, request_stop)
-    logger, losses, window_start, last_save = Logger(run_dir, total_steps, global_batch, step), [], step, time.monotonic()
-    end_step = min(total_steps, step + args.stop_after) if args.stop_after else total_steps
-    # ==== end SHARED ====
-
-    while step < end_step and not stop:
-        epoch = step // steps_per_epoch
-        sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * global_batch)
-        for views, _ in batches():
-            # 1-5. one MSN step: mask anchors, encode, predict prototypes, H(p+, p) - lambda H(p_bar), EMA
-            lr_now = lr_at(step, round(args.horizon * total_steps), warmup_steps, lr, args.min_lr,  # 1.25x horizon
-                           start_lr=args.warmup_start * lr)  # official WarmupCosineSchedule: from start_lr
-            loss, extras = train_step(device_views(to_device(views, device), args), lr_now, step / total_steps)
-            losses.append(loss)
-            step += 1
-
-            # ==== SHARED: logging and checkpoints inside the loop, identical in every method file ====
-            sync_stop(stop, device)
-            if step % args.log_every == 0 or step == end_step:
-                mean_loss = check_finite(losses, window_start + 1)
-                logger.log(step, epoch, mean_loss, lr_now, {k: rank_mean(v).item() for k, v in extras.items()})
-                losses, window_start = [], step
-            if time.monotonic() - last_save > 60 * args.save_minutes or step == end_step or stop:
-                checkpoint()
-                last_save = time.monotonic()
-            if step == end_step or stop or step % steps_per_epoch == 0:
-                break
-            # ==== end SHARED ====
-
-
-    print(f"{'stopped' if step < total_steps else 'finished'} at step {step}/{total_steps}; checkpoint: {ckpt_path}")
-    return ckpt_path
-
-
-# ---------------------------------------------------------------- main
+# ---- entry point ----
 if __name__ == "__main__":
     try:
         train(parse_args())
     except DataError as e:
         sys.exit("error: " + error_line(e))
+# ==== end SHARED ====

@@ -8,7 +8,7 @@ encoders and this file without renaming.
 
 The interface the method files use (and nothing else):
 
-    vit = ViT(img_size=32, patch_size=4, dim=192, depth=12, heads=3)   # or ViT.from_name("tiny", ...)
+    vit = ViT(img_size=32, patch_size=4, dim=192, depth=12, heads=3)   # or ViT.from_name("tiny" or "192,12,3", ...)
     vit.config                  dict of constructor arguments: ViT(**vit.config) rebuilds it
     vit.num_patches, vit.grid   N = h*w patches on an (h, w) grid at img_size
     vit.patchify(imgs)          (B, 3, H, W) -> (B, N, p*p*3), channel order (p1 p2 c) as in MAE
@@ -135,10 +135,19 @@ class ViT(nn.Module):
 
     @classmethod
     def from_name(cls, name, **kwargs):
-        """ViT.from_name("small", img_size=224, patch_size=16): a size from SIZES."""
-        if name not in SIZES:
-            raise ValueError(f"unknown ViT size {name!r}; choose one of {sorted(SIZES)}")
-        dim, depth, heads = SIZES[name]
+        """ViT.from_name("small", img_size=224, patch_size=16): a size from SIZES, or a custom one
+        written "width,depth,heads" (e.g. "64,2,4" for smoke runs)."""
+        parts = str(name).split(",")
+        if name in SIZES:
+            dim, depth, heads = SIZES[name]
+        elif len(parts) == 3 and all(p.strip().isdigit() and int(p) > 0 for p in parts):
+            dim, depth, heads = (int(p) for p in parts)
+            if dim % heads or dim % 4:
+                raise ValueError(f"{name}: the width {dim} must be divisible by the {heads} heads and by 4 "
+                                 "(for the sin-cos position table)")
+        else:
+            raise ValueError(f"{name!r} is not a ViT size: one of {sorted(SIZES)}, or width,depth,heads, three "
+                             "whole numbers above 0 (e.g. 64,2,4)")
         return cls(dim=dim, depth=depth, heads=heads, **kwargs)
 
     def init_weights(self):

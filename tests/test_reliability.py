@@ -208,8 +208,8 @@ def test_12_resumed_log_has_each_step_once(tmp_path):
 # ---------------------------------------------------------------- one clear line for every mistake
 @pytest.mark.parametrize("flags, message", [
     (["--patch-size", "0"], "--patch-size must be more than 0, not 0"),
-    (["--model-dims", "64,2"], "--model-dims takes width,depth,heads"),
-    (["--model-dims", "64x2x4"], "--model-dims takes width,depth,heads"),
+    (["--model-dims", "64,2"], "--model-dims '64,2' is not a ViT size: .* or width,depth,heads"),
+    (["--model-dims", "64x2x4"], "--model-dims '64x2x4' is not a ViT size: .* or width,depth,heads"),
     (["--model-dims", "64,2,3"], "width 64 must be divisible by the 3 heads"),
     (["--batch-size", "0"], "--batch-size must be more than 0, not 0"),
     (["--batch-size", "-16"], "--batch-size must be more than 0, not -16"),
@@ -229,7 +229,7 @@ def test_13_bad_flag_values_are_refused(tmp_path, flags, message):
 
 def test_13_bad_flag_value_from_the_command_line(tmp_path):
     one_line_error(run("mae.py", "--data", "fake", *TINY_CLI, "--model-dims", "64x2x4", "--out-dir", str(tmp_path)),
-                   "--model-dims takes width,depth,heads")
+                   "--model-dims '64x2x4' is not a ViT size")
 
 
 def test_14_a_file_of_random_bytes_is_named_in_one_line(tmp_path):

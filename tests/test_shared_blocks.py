@@ -1,5 +1,10 @@
-"""The blocks marked SHARED are the same text in every method file (and in evaluate.py where marked),
-so that `diff mae.py cmae.py` shows only what the methods do differently (STYLE P7)."""
+"""The layout every method file keeps (issue #17, STYLE P7): the method first, then its config, then
+train(), then one block of shared machinery at the end, the same text in every file (and its sections
+marked "also in evaluate.py" the same there), so that `diff mae.py cmae.py` shows only what the methods
+do differently."""
+import ast
+import importlib
+import inspect
 import os
 import re
 
@@ -7,48 +12,78 @@ import pytest
 
 from conftest import ROOT
 
-METHOD_FILES = [f for f in ["mae.py", "msn.py", "cmae.py", "conmim.py", "simsiam.py", "moco.py", "grafting.py"]
-                if os.path.exists(os.path.join(ROOT, f))]
+METHOD_FILES = ["mae.py", "msn.py", "cmae.py", "conmim.py", "simsiam.py", "moco.py", "grafting.py"]
+MACHINERY_START = "# ==== SHARED: machinery"
 
 
-def shared_blocks(path):
-    text = open(os.path.join(ROOT, path)).read()
-    blocks = {m.group(1): m.group(0) for m in re.finditer(
-        r"# ==== SHARED: (.*?),.*? ====\n.*?# ==== end SHARED ====\n", text, re.S)}
-    fields = re.search(r"# ==== SHARED fields.*? ====\n(.*?)# ==== [\w ]+ specific ====", text, re.S)
-    if fields:
-        blocks["Args fields"] = fields.group(1)
-    return blocks
+def read(path):
+    return open(os.path.join(ROOT, path)).read()
 
 
-def test_template_has_its_shared_blocks():
-    names = set(shared_blocks("mae.py"))
-    assert {"argument parsing", "recipe and encoder", "datasets", "Args fields"} <= names
-    assert len(names) >= 7
+def machinery(path):
+    text = read(path)
+    return text[text.index(MACHINERY_START):]
 
 
-def test_blocks_that_mae_lacks_are_identical_wherever_they_are():
-    """The colour block (device-side augmentation) is in every method file with colour views."""
-    found = {}
-    for f in METHOD_FILES:
-        for name, text in shared_blocks(f).items():
-            if name not in shared_blocks("mae.py"):
-                found.setdefault(name, []).append((f, text))
-    assert "colour augmentation on the device" in found
-    assert len(found["colour augmentation on the device"]) == 6  # all but mae.py
-    for name, copies in found.items():
-        for f, text in copies:
-            assert text == copies[0][1], f"{f}: SHARED block {name!r} differs from {copies[0][0]}"
+def sections(block):
+    """The '# ---- name ----' sections of the machinery block, by name."""
+    parts = re.split(r"^# ---- (.+?) ----\n", block, flags=re.M)
+    return {name: body.rstrip() for name, body in zip(parts[1::2], parts[2::2])}
 
 
-@pytest.mark.parametrize("other", [f for f in METHOD_FILES if f != "mae.py"] + ["evaluate.py"])
-def test_shared_blocks_are_identical(other):
-    template, blocks = shared_blocks("mae.py"), shared_blocks(other)
-    names = [n for n in template if other != "evaluate.py" or "evaluate.py" in template[n].splitlines()[0]]
-    assert names, "nothing to compare"
-    for name in names:
-        assert name in blocks, f"{other} lacks the SHARED block {name!r}"
-        assert blocks[name] == template[name], f"{other}: SHARED block {name!r} differs from mae.py"
+@pytest.mark.parametrize("path", METHOD_FILES)
+def test_machinery_is_one_block_at_the_end_identical_everywhere(path):
+    text = read(path)
+    assert text.count(MACHINERY_START) == 1 and text.rstrip().endswith("# ==== end SHARED ====")
+    assert machinery(path) == machinery("mae.py"), f"{path}: the machinery differs from mae.py's"
+    before = text[:text.index(MACHINERY_START)]
+    # before the machinery, only the method's own shared pieces: the Args fields and the colour block
+    assert set(re.findall(r"# ==== SHARED:? ?([\w ]+?) ?(?:,|====)", before)) <= {"fields", "colour augmentation on the device"}
+    assert {"argument parsing (also in evaluate.py)", "data (also in evaluate.py)", "benchmarks",
+            "entry point"} <= set(sections(machinery(path)))
+
+
+def test_evaluate_holds_the_sections_it_shares_word_for_word():
+    shared = {n: s for n, s in sections(machinery("mae.py")).items() if n.endswith("(also in evaluate.py)")}
+    assert len(shared) == 2
+    for name, body in shared.items():
+        assert f"# ---- {name} ----\n{body}\n" in read("evaluate.py"), f"evaluate.py: section {name!r} differs"
+
+
+@pytest.mark.parametrize("path", METHOD_FILES)
+def test_the_method_comes_first_in_the_paper_order(path):
+    """The method's first function within about 80 lines after the docstring; then the training step,
+    the config (Args, RECIPES), train(), and the machinery, in that order."""
+    text = read(path)
+    tree = ast.parse(text)
+    docstring_end = tree.body[0].end_lineno
+    first = next(node for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef)))
+    assert first.lineno - docstring_end <= 80, f"{path}: the method starts {first.lineno - docstring_end} lines in"
+    line = {node.name: node.lineno for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    machinery_line = text[:text.index(MACHINERY_START)].count("\n") + 1
+    assert line["train_transform"] < line["train_step"] < line["Args"] < line["train"] < machinery_line
+    assert max(v for k, v in line.items() if k not in sections_names(path)) < machinery_line
+
+
+def sections_names(path):
+    tree = ast.parse(machinery(path))
+    return {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+
+
+def args_fields(path):
+    return re.search(r"# ==== SHARED fields.*? ====\n(.*?)# ==== [\w ]+ specific ====", read(path), re.S).group(1)
+
+
+@pytest.mark.parametrize("path", [f for f in METHOD_FILES if f != "mae.py"])
+def test_shared_args_fields_are_identical(path):
+    assert args_fields(path) == args_fields("mae.py")
+
+
+def test_the_colour_block_is_identical_in_every_file_with_colour_views():
+    blocks = {f: m.group(0) for f in METHOD_FILES for m in [re.search(
+        r"# ==== SHARED: colour augmentation on the device.*?# ==== end SHARED ====\n", read(f), re.S)] if m}
+    assert sorted(blocks) == sorted(f for f in METHOD_FILES if f != "mae.py")
+    assert len(set(blocks.values())) == 1
 
 
 # functions a file copies from another method file, with the same name and the same text
@@ -61,8 +96,6 @@ COPIES = {
 
 @pytest.mark.parametrize("copy", sorted(COPIES))
 def test_copied_functions_are_identical(copy):
-    import importlib
-    import inspect
     module = importlib.import_module(copy.removesuffix(".py"))
     for source, names in COPIES[copy].items():
         original = importlib.import_module(source)
@@ -71,10 +104,21 @@ def test_copied_functions_are_identical(copy):
                 f"{copy}: {name} differs from {source}.py"
 
 
+def test_pieces_a_method_keeps_in_place_are_the_same_wherever_they_are():
+    """The lr schedule and what a method does with a batch split over GPUs (all_gather, all_reduce_sum,
+    global_rand, GlobalBatchNorm1d) sit in the method's own part, where its reader sees them (STYLE P7);
+    every copy has the same text."""
+    for name in ("lr_at", "all_gather", "all_reduce_sum", "global_rand", "GlobalBatchNorm1d"):
+        copies = {f: inspect.getsource(getattr(importlib.import_module(f[:-3]), name)) for f in METHOD_FILES
+                  if re.search(rf"^(def|class) {name}\b", read(f), re.M)}
+        assert len(copies) >= 3 and len(set(copies.values())) == 1, name
+
+
 def test_grafting_uses_moco_v3_views():
+    import dataclasses
+
     import grafting
     import moco
-    import dataclasses
     assert [dataclasses.astuple(c) for c in grafting.MOCO_COLOURS] == [dataclasses.astuple(c) for c in moco.MOCO_COLOURS]
     args = grafting.Args(img_size=32, mode="graft")
     assert [str(c) for c in grafting.train_transform(args).crops] == [str(c) for c in moco.train_transform(args).crops]

@@ -16,8 +16,13 @@ def test_named_sizes_and_param_counts():
     assert SIZES["base"] == (768, 12, 12) and SIZES["large"] == (1024, 24, 16)
     # timm's vit_base_patch16_224 without its classifier has 85.8 M parameters (pos_embed included)
     assert abs(count_params(ViT.from_name("base")) / 1e6 - 85.8) < 0.1
-    with pytest.raises(ValueError, match="unknown ViT size"):
+    with pytest.raises(ValueError, match="'huge-ish' is not a ViT size"):
         ViT.from_name("huge-ish")
+    assert ViT.from_name("64,2,4").config == ViT(dim=64, depth=2, heads=4).config  # a custom width,depth,heads
+    for bad, message in (("64,2", "is not a ViT size"), ("64,0,4", "is not a ViT size"),
+                         ("64,2,3", "width 64 must be divisible by the 3 heads")):
+        with pytest.raises(ValueError, match=message):
+            ViT.from_name(bad)
 
 
 def test_parameter_names_match_timm():
