@@ -38,9 +38,11 @@ Deviations and where the seed is silent (REFERENCE §3.6)
   - Not deviations, but unlike MAE: weight decay follows the official config (param_groups: no decay
     on CLS and mask tokens, decay on the heads' BatchNorm weights), and the heads' BatchNorm uses
     eps 1e-6 (official norm_cfg).
-  - Views are made in two halves (README "Input pipeline"): the data workers decode, crop and flip
-    each image and draw its colour parameters under the sample's own seed; the device applies colour
-    jitter, grayscale, blur and solarize to the whole batch (colour_augment(), device_views()), from
+  - Views are made in two halves (README "Input pipeline"): the data workers decode, cut the crop at
+    the photograph's own resolution, flip it and draw its colour parameters under the sample's own
+    seed; the device resamples each crop (bicubic, antialiased: resample(), within a few grey levels
+    of PIL's resize, tests/test_cmae.py) and applies colour jitter, grayscale, blur and solarize to
+    the whole batch (colour_augment(), device_views()), from
     the same distributions as the official torchvision / PIL transforms (tests/test_views.py). The
     blur is a true Gaussian (torchvision's GaussianBlur); the official code uses PIL's
     ImageFilter.GaussianBlur, a box-filter approximation of it with radius = sigma.
@@ -199,36 +201,51 @@ class CropViews:
 
 class PixelShiftViews:
     """Seed 001 "pixel shifting" (official ShiftPixel): one random resized crop (0.2, 1) of
-    img_size + max_shift + 1 pixels (256 at 224) and a flip, shared by both views. The online view
+    img_size + max_shift + 1 pixels (257 at 224) and a flip, shared by both views. The online view
     is its img_size crop at offset (0, 0), without colour augmentation; the target view is the crop
-    at a random offset (dy, dx), each in 0..max_shift, and gets colour jitter, grayscale and blur on
-    the device. So the two views show the same content, misaligned by less than two patches.
-    Returns ([online, target] uint8 crops, their (2, 13) colour parameters)."""
+    at a random offset (dy, dx), each in 0..max_shift, with colour jitter, grayscale and blur. So the
+    two views show the same content, misaligned by less than two patches.
+    The data workers cut the crop at the photograph's own resolution and flip it; the device resamples
+    it and cuts the two views (device_views()), so the workers do little more than decode the JPEG.
+    Returns (the uint8 crop (3, h, w), its offsets (dy, dx), the two views' (2, 13) colour parameters)."""
 
     def __init__(self, img_size, max_shift):
         self.size, self.max_shift = img_size, max_shift
-        self.base = T.Compose([
-            T.RandomResizedCrop(img_size + max_shift + 1, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-            T.RandomHorizontalFlip(),
-            T.PILToTensor(),
-        ])
         self.colour = Colour(jitter=(0.4, 0.4, 0.4, 0.1), blur_p=0.5)
 
     def __call__(self, img):
-        base = self.base(img)
-        dy, dx = torch.randint(0, self.max_shift + 1, (2,)).tolist()
-        online = base[:, :self.size, :self.size]
-        target = base[:, dy:dy + self.size, dx:dx + self.size]
-        return [online, target], torch.stack([torch.zeros(13), self.colour.draw(self.size)])
+        i, j, h, w = T.RandomResizedCrop.get_params(img, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3))
+        crop = T.RandomHorizontalFlip()(img.crop((j, i, j + w, i + h)))
+        shift = torch.randint(0, self.max_shift + 1, (2,))
+        return T.functional.pil_to_tensor(crop), shift, torch.stack([torch.zeros(13), self.colour.draw(self.size)])
 
 
 def train_transform(args):
     return PixelShiftViews(args.img_size, args.max_shift)
 
 
+def resample(crops, size):
+    """The device side of a random resized crop: each uint8 crop (3, h, w), of its own size, resampled to
+    (size, size), bicubic and antialiased as PIL resizes (the official pipelines'), rounded to uint8."""
+    return torch.stack([F.interpolate(c[None].float(), size=(size, size), mode="bicubic", antialias=True)[0]
+                        for c in crops]).round().clamp(0, 255).to(torch.uint8)
+
+
+def shifted_crops(x, shift, size):
+    """x[b, :, dy:dy + size, dx:dx + size] with each sample's own (dy, dx) = shift[b], by indexing, so
+    that the device never waits for the offsets."""
+    rows = (shift[:, 0, None] + torch.arange(size, device=x.device))[:, None, :, None]  # (B, 1, size, 1)
+    cols = (shift[:, 1, None] + torch.arange(size, device=x.device))[:, None, None, :]  # (B, 1, 1, size)
+    b, c = torch.arange(x.shape[0], device=x.device), torch.arange(x.shape[1], device=x.device)
+    return x[b[:, None, None, None], c[None, :, None, None], rows, cols]
+
+
 def device_views(batch, args):
-    """The device side: the online view is only normalised; the target view gets its colour first."""
-    (online, target), params = batch
+    """The device side: resample the crops to img_size + max_shift + 1, cut the online view at (0, 0) and the
+    target view at (dy, dx); the online view is only normalised, the target view gets its colour first."""
+    crops, shift, params = batch
+    base = resample(crops, args.img_size + args.max_shift + 1)
+    online, target = base[:, :, :args.img_size, :args.img_size], shifted_crops(base, shift, args.img_size)
     return [normalize(online.float() / 255), normalize(colour_augment(target, params[:, 1], blur_kernel_size(args.img_size)))]
 
 
@@ -956,6 +973,14 @@ def autocast(args):
     """bf16 autocast with --amp (bf16 needs no gradient scaler)."""
     return torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.amp)
 
+def collate(samples):
+    """torch's default_collate, except that images of different sizes (crops the device resamples) stay a list."""
+    if isinstance(samples[0], torch.Tensor) and any(s.shape != samples[0].shape for s in samples):
+        return list(samples)
+    if isinstance(samples[0], (list, tuple)):
+        return [collate(list(parts)) for parts in zip(*samples)]
+    return torch.utils.data.default_collate(samples)
+
 def to_device(batch, device):
     """A tensor, or a nested list of them (uint8 crops, colour parameters), moved without blocking."""
     if isinstance(batch, (list, tuple)):
@@ -973,9 +998,9 @@ class Run:
             raise DataError(f"{args.data} has {len(self.dataset)} images, fewer than one batch of {self.global_batch}")
         self.sampler = EpochSampler(len(self.dataset), args.seed, args.batch_size, RANK, WORLD)
         self.loader = torch.utils.data.DataLoader(
-            self.dataset, args.batch_size, sampler=self.sampler, drop_last=True, num_workers=args.num_workers,
-            pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0, worker_init_fn=worker_ignores_signals,
-            generator=torch.Generator().manual_seed(args.seed))  # its own generator: the global RNG (masks) is untouched
+            self.dataset, args.batch_size, sampler=self.sampler, drop_last=True, collate_fn=collate,
+            num_workers=args.num_workers, pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0,
+            worker_init_fn=worker_ignores_signals, generator=torch.Generator().manual_seed(args.seed))  # its own generator: the global RNG (masks) is untouched
         self.total_steps = args.steps or args.epochs * self.steps_per_epoch
         warmup = round(self.total_steps * args.warmup_epochs / args.epochs)
         self.warmup_capped = warmup > self.total_steps // 2  # e.g. --epochs 5 with a 10-epoch warm-up: the lr

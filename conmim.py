@@ -39,9 +39,11 @@ Deviations and transcription errors (REFERENCE §4.6)
     block's output layers divided by sqrt(2 x layer)).
   - One GPU: batch 256. CIFAR-10 recipe (our choice): ViT-Tiny, patch 4, 32 px, so each image's
     dictionary holds 64 patches instead of 196. Blur kernel and sigma scaled to the image size.
-  - Views are made in two halves (README "Input pipeline"): the data workers decode, crop and flip
-    each image and draw its colour parameters under the sample's own seed; the device applies colour
-    jitter, grayscale, blur and solarize to the whole batch (colour_augment(), device_views()), from
+  - Views are made in two halves (README "Input pipeline"): the data workers decode, cut the crop at
+    the photograph's own resolution, flip it and draw its colour parameters under the sample's own
+    seed; the device resamples each crop (bicubic, antialiased: resample(), within a few grey levels
+    of PIL's resize, tests/test_cmae.py) and applies colour jitter, grayscale, blur and solarize to
+    the whole batch (colour_augment(), device_views()), from
     the same distributions as the official torchvision / PIL transforms (tests/test_views.py). The
     blur is a true Gaussian (torchvision's GaussianBlur); the official code uses PIL's
     ImageFilter.GaussianBlur, a box-filter approximation of it with radius = sigma.
@@ -202,31 +204,42 @@ class CropViews:
 
 class SharedCropViews:
     """One geometric crop for both branches (official DataAugmentationForConMIM): a flip and a random
-    resized crop (0.08, 1), bicubic, so patch j shows the same region in both views; the workers hand
-    over that one uint8 crop. The online view gets nothing more; on the device, the slow model's view
-    adds the strong photometric pipeline: colour jitter (0.4, 0.4, 0.2, 0.1) with p 0.8, grayscale
-    0.2, blur 0.1, solarize 0.2."""
+    resized crop (0.08, 1), bicubic, so patch j shows the same region in both views. The online view
+    gets nothing more; the slow model's view adds the strong photometric pipeline: colour jitter
+    (0.4, 0.4, 0.2, 0.1) with p 0.8, grayscale 0.2, blur 0.1, solarize 0.2.
+    The data workers flip and cut the crop at the photograph's own resolution; the device resamples it
+    and adds the colour (device_views()), so the workers do little more than decode the JPEG.
+    Returns (the uint8 crop (3, h, w), the strong view's (13,) colour parameters)."""
 
     def __init__(self, img_size):
         self.size = img_size
-        self.geometry = T.Compose([
-            T.RandomHorizontalFlip(),
-            T.RandomResizedCrop(img_size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-            T.PILToTensor(),
-        ])
         self.strong = Colour(jitter=(0.4, 0.4, 0.2, 0.1), blur_p=0.1, solarize_p=0.2)
 
     def __call__(self, img):
-        return self.geometry(img), self.strong.draw(self.size)
+        flip = torch.rand(1) < 0.5  # the official order: flip, then crop
+        i, j, h, w = T.RandomResizedCrop.get_params(img, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
+        if flip:  # the crop of the flipped image is the mirrored crop, flipped
+            j = img.width - j - w
+        crop = img.crop((j, i, j + w, i + h))
+        return T.functional.pil_to_tensor(T.functional.hflip(crop) if flip else crop), self.strong.draw(self.size)
 
 
 def train_transform(args):
     return SharedCropViews(args.img_size)
 
 
+def resample(crops, size):
+    """The device side of a random resized crop: each uint8 crop (3, h, w), of its own size, resampled to
+    (size, size), bicubic and antialiased as PIL resizes (the official pipelines'), rounded to uint8."""
+    return torch.stack([F.interpolate(c[None].float(), size=(size, size), mode="bicubic", antialias=True)[0]
+                        for c in crops]).round().clamp(0, 255).to(torch.uint8)
+
+
 def device_views(batch, args):
-    """The device side: [online view, strongly augmented view] of the one crop, both normalised."""
-    crop, params = batch
+    """The device side: resample the crops to img_size, then [online view, strongly augmented view] of that
+    one crop, both normalised."""
+    crops, params = batch
+    crop = resample(crops, args.img_size)
     return [normalize(crop.float() / 255), normalize(colour_augment(crop, params, blur_kernel_size(args.img_size)))]
 
 
@@ -838,6 +851,14 @@ def autocast(args):
     """bf16 autocast with --amp (bf16 needs no gradient scaler)."""
     return torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.amp)
 
+def collate(samples):
+    """torch's default_collate, except that images of different sizes (crops the device resamples) stay a list."""
+    if isinstance(samples[0], torch.Tensor) and any(s.shape != samples[0].shape for s in samples):
+        return list(samples)
+    if isinstance(samples[0], (list, tuple)):
+        return [collate(list(parts)) for parts in zip(*samples)]
+    return torch.utils.data.default_collate(samples)
+
 def to_device(batch, device):
     """A tensor, or a nested list of them (uint8 crops, colour parameters), moved without blocking."""
     if isinstance(batch, (list, tuple)):
@@ -855,9 +876,9 @@ class Run:
             raise DataError(f"{args.data} has {len(self.dataset)} images, fewer than one batch of {self.global_batch}")
         self.sampler = EpochSampler(len(self.dataset), args.seed, args.batch_size, RANK, WORLD)
         self.loader = torch.utils.data.DataLoader(
-            self.dataset, args.batch_size, sampler=self.sampler, drop_last=True, num_workers=args.num_workers,
-            pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0, worker_init_fn=worker_ignores_signals,
-            generator=torch.Generator().manual_seed(args.seed))  # its own generator: the global RNG (masks) is untouched
+            self.dataset, args.batch_size, sampler=self.sampler, drop_last=True, collate_fn=collate,
+            num_workers=args.num_workers, pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0,
+            worker_init_fn=worker_ignores_signals, generator=torch.Generator().manual_seed(args.seed))  # its own generator: the global RNG (masks) is untouched
         self.total_steps = args.steps or args.epochs * self.steps_per_epoch
         warmup = round(self.total_steps * args.warmup_epochs / args.epochs)
         self.warmup_capped = warmup > self.total_steps // 2  # e.g. --epochs 5 with a 10-epoch warm-up: the lr

@@ -795,6 +795,14 @@ def autocast(args):
     """bf16 autocast with --amp (bf16 needs no gradient scaler)."""
     return torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.amp)
 
+def collate(samples):
+    """torch's default_collate, except that images of different sizes (crops the device resamples) stay a list."""
+    if isinstance(samples[0], torch.Tensor) and any(s.shape != samples[0].shape for s in samples):
+        return list(samples)
+    if isinstance(samples[0], (list, tuple)):
+        return [collate(list(parts)) for parts in zip(*samples)]
+    return torch.utils.data.default_collate(samples)
+
 def to_device(batch, device):
     """A tensor, or a nested list of them (uint8 crops, colour parameters), moved without blocking."""
     if isinstance(batch, (list, tuple)):
@@ -812,9 +820,9 @@ class Run:
             raise DataError(f"{args.data} has {len(self.dataset)} images, fewer than one batch of {self.global_batch}")
         self.sampler = EpochSampler(len(self.dataset), args.seed, args.batch_size, RANK, WORLD)
         self.loader = torch.utils.data.DataLoader(
-            self.dataset, args.batch_size, sampler=self.sampler, drop_last=True, num_workers=args.num_workers,
-            pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0, worker_init_fn=worker_ignores_signals,
-            generator=torch.Generator().manual_seed(args.seed))  # its own generator: the global RNG (masks) is untouched
+            self.dataset, args.batch_size, sampler=self.sampler, drop_last=True, collate_fn=collate,
+            num_workers=args.num_workers, pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0,
+            worker_init_fn=worker_ignores_signals, generator=torch.Generator().manual_seed(args.seed))  # its own generator: the global RNG (masks) is untouched
         self.total_steps = args.steps or args.epochs * self.steps_per_epoch
         warmup = round(self.total_steps * args.warmup_epochs / args.epochs)
         self.warmup_capped = warmup > self.total_steps // 2  # e.g. --epochs 5 with a 10-epoch warm-up: the lr

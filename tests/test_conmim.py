@@ -33,13 +33,25 @@ def test_both_views_share_one_crop():
     args = conmim.Args(img_size=32)
     for seed in range(5):
         torch.manual_seed(seed)
-        crop, params = views(img)                # one crop; the strong view's colour is drawn, applied on the device
-        assert crop.shape == (3, 32, 32) and crop.dtype == torch.uint8 and params.shape == (13,)
+        crop, params = views(img)                # one crop at the image's resolution; the colour is drawn here
+        assert crop.dtype == torch.uint8 and crop.shape[0] == 3 and crop.shape[1] <= 48 and params.shape == (13,)
         off = torch.zeros(1, 13)                 # without the photometric part the two views are identical
-        online, strong = conmim.device_views((crop[None], off), args)
-        assert torch.equal(online, strong)
-        online, strong = conmim.device_views((crop[None], params[None]), args)
-        assert torch.equal(online, conmim.normalize(crop[None].float() / 255))
+        online, strong = conmim.device_views(([crop], off), args)
+        assert online.shape == (1, 3, 32, 32) and torch.equal(online, strong)
+        online, strong = conmim.device_views(([crop], params[None]), args)
+        assert torch.equal(online, conmim.normalize(conmim.resample([crop], 32).float() / 255))
+
+
+def test_the_crop_of_the_flipped_image_is_the_official_flip_then_crop():
+    img = T.functional.to_pil_image(torch.rand(3, 40, 56))
+    for seed in range(20):                       # the official order: RandomHorizontalFlip, then RandomResizedCrop
+        torch.manual_seed(seed)                  # the draws of RandomHorizontalFlip, then of RandomResizedCrop
+        flip = torch.rand(1) < 0.5
+        i, j, h, w = T.RandomResizedCrop.get_params(img, (0.08, 1.0), (3 / 4, 4 / 3))
+        expected = T.functional.pil_to_tensor((T.functional.hflip(img) if flip else img).crop((j, i, j + w, i + h)))
+        torch.manual_seed(seed)
+        crop, _ = conmim.SharedCropViews(32)(img)
+        assert torch.equal(crop, expected)
 
 
 def test_loss_equals_hand_computation_at_masked_positions_only():

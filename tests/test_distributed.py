@@ -76,7 +76,12 @@ def test_two_ranks_with_half_batches_equal_one_process(tmp_path, method):
         assert torch.allclose(m_b, ratio * m_a, rtol=1e-3, atol=1e-4 * scale + 1e-6), name  # 1e-6: the noise floor
         signal = m_a.abs() > max(1e-3 * scale, 1e-5)
         w_a, w_b = a["model"][name], b["model"][name]
-        assert torch.allclose(w_a[signal], w_b[signal], rtol=1e-3, atol=1e-5), name
+        off = ~torch.isclose(w_a[signal], w_b[signal], rtol=1e-3, atol=1e-5)
+        # A unit whose gradient was at the noise level at an earlier step (GELU had it switched off) took an
+        # Adam step of noise-dependent size then (g / (|g| + eps) with |g| ~ eps), however clear its gradient
+        # is now: allow such a straggler, one in a hundred at most, and by no more than the lr steps taken.
+        assert off.sum() <= max(1, off.numel() // 100), name
+        assert ((w_a - w_b)[signal].abs() <= 2 * sum(r["train/lr"] for r in log_a)).all(), name
     for k, t in a["model"].items():  # buffers: BatchNorm running statistics (they follow the noisy biases a little)
         if k not in moments:
             assert torch.allclose(t.float(), b["model"][k].float(), atol=2e-3), k

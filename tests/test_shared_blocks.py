@@ -91,6 +91,7 @@ COPIES = {
     "grafting.py": {"mae": ["random_masking", "MAEDecoder", "mae_loss"],
                     "moco": ["mlp", "momentum_at", "contrastive_loss", "moco_loss"]},
     "cmae.py": {"mae": ["MAEDecoder", "mae_loss"]},
+    "conmim.py": {"cmae": ["resample"]},
 }
 
 

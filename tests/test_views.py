@@ -182,3 +182,13 @@ def test_grafting_mtl_views_two_coloured_and_one_plain_all_normalised():
     views = grafting.device_views(batch, args)
     assert torch.equal(views[2], grafting.normalize(crops[2][None].float() / 255))  # MAE's view: only normalised
     assert torch.equal(views[0], grafting.normalize(grafting.colour_augment(crops[0][None], p[None, 0], 5)))
+
+
+def test_collate_keeps_crops_of_different_sizes_as_a_list():
+    import mae
+    same = [(([torch.zeros(3, 4, 4)], torch.ones(2)), 1), (([torch.ones(3, 4, 4)], torch.ones(2)), 2)]
+    (crops, params), labels = mae.collate(same)
+    assert crops[0].shape == (2, 3, 4, 4) and params.shape == (2, 2) and torch.equal(labels, torch.tensor([1, 2]))
+    mixed = [((torch.zeros(3, 5, 4), torch.ones(2)), 1), ((torch.ones(3, 4, 6), torch.ones(2)), 2)]
+    (crops, params), labels = mae.collate(mixed)
+    assert isinstance(crops, list) and [c.shape for c in crops] == [(3, 5, 4), (3, 4, 6)] and params.shape == (2, 2)
