@@ -86,7 +86,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn  # all_reduce with a gradient
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
@@ -239,10 +238,27 @@ def device_views(batch, args):
 
 
 # ---------------------------------------------------------------- many GPUs: grafting's part (README "Many GPUs")
+class AllReduceSum(torch.autograd.Function):
+    """x summed over all ranks. The backward pass sums the gradient over the ranks as well: every rank's loss
+    depends on the sum, so each rank's own x gets the gradient of all the ranks' losses."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 def all_reduce_sum(x):
-    """x summed over the ranks: a statistic of the global batch from this rank's part of it. Its backward
-    pass sums the gradient over the ranks too, as every rank's loss depends on the sum."""
-    return torch.distributed.nn.functional.all_reduce(x) if WORLD > 1 else x
+    """x summed over the ranks: a statistic of the global batch from this rank's part of it (differentiable,
+    see AllReduceSum)."""
+    return AllReduceSum.apply(x) if WORLD > 1 else x
 
 
 def all_gather(x):
@@ -1103,7 +1119,11 @@ def init_distributed(device):
 
 def rank_mean(x):
     """The mean of x over the ranks (for the log: the global batch's loss)."""
-    return torch.distributed.nn.functional.all_reduce(x.detach()) / WORLD if WORLD > 1 else x
+    if WORLD == 1:
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x)
+    return x / WORLD
 
 def sync_stop(stop, device):
     """A signal that reached any rank stops every rank after the same step."""

@@ -63,7 +63,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn  # all_reduce with a gradient
 import torch.nn as nn
 import torchvision
 import torchvision.transforms as T
@@ -599,7 +598,11 @@ def init_distributed(device):
 
 def rank_mean(x):
     """The mean of x over the ranks (for the log: the global batch's loss)."""
-    return torch.distributed.nn.functional.all_reduce(x.detach()) / WORLD if WORLD > 1 else x
+    if WORLD == 1:
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x)
+    return x / WORLD
 
 def sync_stop(stop, device):
     """A signal that reached any rank stops every rank after the same step."""

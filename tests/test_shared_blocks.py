@@ -107,9 +107,9 @@ def test_copied_functions_are_identical(copy):
 
 def test_pieces_a_method_keeps_in_place_are_the_same_wherever_they_are():
     """The lr schedule and what a method does with a batch split over GPUs (all_gather, all_reduce_sum,
-    global_rand, GlobalBatchNorm1d) sit in the method's own part, where its reader sees them (STYLE P7);
+    AllReduceSum, global_rand, GlobalBatchNorm1d) sit in the method's own part, where its reader sees them (STYLE P7);
     every copy has the same text."""
-    for name in ("lr_at", "all_gather", "all_reduce_sum", "global_rand", "GlobalBatchNorm1d"):
+    for name in ("lr_at", "all_gather", "AllReduceSum", "all_reduce_sum", "global_rand", "GlobalBatchNorm1d"):
         copies = {f: inspect.getsource(getattr(importlib.import_module(f[:-3]), name)) for f in METHOD_FILES
                   if re.search(rf"^(def|class) {name}\b", read(f), re.M)}
         assert len(copies) >= 3 and len(set(copies.values())) == 1, name
