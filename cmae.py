@@ -1020,7 +1020,8 @@ class Run:
         self.loader = torch.utils.data.DataLoader(
             self.dataset, args.batch_size, sampler=self.sampler, drop_last=True, collate_fn=collate,
             num_workers=args.num_workers, pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0,
-            worker_init_fn=worker_ignores_signals, generator=torch.Generator().manual_seed(args.seed))  # its own generator: the global RNG (masks) is untouched
+            worker_init_fn=worker_ignores_signals,
+            generator=torch.Generator().manual_seed(args.seed))  # its own generator: the global RNG (masks) is untouched
         self.total_steps = args.steps or args.epochs * self.steps_per_epoch
         warmup = round(self.total_steps * args.warmup_epochs / args.epochs)
         self.warmup_capped = warmup > self.total_steps // 2  # e.g. --epochs 5 with a 10-epoch warm-up: the lr
@@ -1028,6 +1029,7 @@ class Run:
         self.step, self.stop, self.losses = 0, [], []
 
     def start(self, resumed=None):
+        """The resumed run's weights, optimizer, RNG and folder, or a new folder; then the signals and the log."""
         args = self.args
         if resumed:
             self.model.load_state_dict(resumed["model"])
@@ -1083,6 +1085,7 @@ class Run:
               f"checkpoint: {self.ckpt_path}")
 
     def after_step(self, loss, lr, extras):
+        """Count the step; log every --log-every steps; save every --save-minutes, at the end and on a signal."""
         self.losses.append(loss)
         self.step += 1
         sync_stop(self.stop, self.device)
