@@ -576,6 +576,33 @@ def moco_loss(q1, q2, k1, k2, tau):
     return contrastive_loss(q1, k2, tau) + contrastive_loss(q2, k1, tau)
 
 
+# ---------------------------------------------------------------- the training step
+def lr_at(step, total_steps, warmup_steps, peak_lr, min_lr, start_lr=0.0):
+    """The lr schedule, per step: a linear warm-up from start_lr (0 unless a method says) to peak_lr, then a
+    half-cosine down to min_lr (MAE util/lr_sched.py; the recipes give each method's values)."""
+    if step < warmup_steps:
+        return start_lr + (peak_lr - start_lr) * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + (peak_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train_step(model, train_model, optimizer, views, lr, progress, args):
+    """One step of stage 2 in MoCo v3's order: the momentum update of the key encoder, then MoCo v3's loss on
+    two strong views (plus MAE's loss on a third view with --mode mtl), backward, and the AdamW step with the
+    lower layers at lower_lr_ratio x lr. train_model runs the forward (model itself, or its DDP / compiled
+    wrapper); returns the loss and extra metrics, as tensors (no sync)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"]  # the lower layers learn at lower_lr_ratio x lr
+    m = momentum_at(progress, args.momentum)
+    model.momentum_update(m)  # MoCo v3 Alg. 1: the key encoder is updated before the keys are computed
+    with autocast(args):
+        loss, parts = train_model(*views)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), {**parts, "m": torch.tensor(m)}
+
+
 # ---------------------------------------------------------------- gradient conflict (seed 002, Sec. "Conflicts")
 def block_cosines(loss_a, loss_b, blocks):
     """C = <g_a / |g_a|, g_b / |g_b|> for each block, g = the gradient of the loss w.r.t. all of
@@ -716,33 +743,6 @@ def box_plot(values, path, title):
         draw.text((cx - 4, H - bottom + 6), str(b + 1), fill="black")
     draw.text((left + (W - left - right) // 2 - 40, H - 18), "block (input -> output)", fill="black")
     img.save(path)
-
-
-# ---------------------------------------------------------------- the training step
-def lr_at(step, total_steps, warmup_steps, peak_lr, min_lr, start_lr=0.0):
-    """The lr schedule, per step: a linear warm-up from start_lr (0 unless a method says) to peak_lr, then a
-    half-cosine down to min_lr (MAE util/lr_sched.py; the recipes give each method's values)."""
-    if step < warmup_steps:
-        return start_lr + (peak_lr - start_lr) * step / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return min_lr + (peak_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def train_step(model, train_model, optimizer, views, lr, progress, args):
-    """One step of stage 2 in MoCo v3's order: the momentum update of the key encoder, then MoCo v3's loss on
-    two strong views (plus MAE's loss on a third view with --mode mtl), backward, and the AdamW step with the
-    lower layers at lower_lr_ratio x lr. train_model runs the forward (model itself, or its DDP / compiled
-    wrapper); returns the loss and extra metrics, as tensors (no sync)."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group["lr_scale"]  # the lower layers learn at lower_lr_ratio x lr
-    m = momentum_at(progress, args.momentum)
-    model.momentum_update(m)  # MoCo v3 Alg. 1: the key encoder is updated before the keys are computed
-    with autocast(args):
-        loss, parts = train_model(*views)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach(), {**parts, "m": torch.tensor(m)}
 
 
 # ---------------------------------------------------------------- config
