@@ -72,7 +72,8 @@ import torchvision.transforms as T
 
 from vit import SIZES, ViT
 
-PROTOCOLS = ("knn", "linear", "fewshot", "kmeans", "tsne", "finetune")
+PROTOCOLS = ("knn", "linear", "fewshot", "kmeans", "tsne", "finetune", "pretext", "robustness")
+METHOD_FILES = ("mae", "msn", "cmae", "conmim", "simsiam", "moco", "grafting")
 
 
 # ---------------------------------------------------------------- config
@@ -91,7 +92,7 @@ class Args:
     encoder: str = "default"
     """which weights: 'online', 'target' (EMA / momentum / slow encoder), or 'default' (the method's official choice)"""
     pool: str = "cls"
-    """read-out of the frozen protocols: 'cls' token after the final norm, or 'mean' of the patch tokens (often better for MIM encoders)"""
+    """read-out of the frozen protocols: 'cls' token after the final norm, 'mean' of the patch tokens (often better for MIM encoders), or 'cls-prenorm': the last block's CLS before the final norm (MSN's few-shot read-out, forward_blocks(x, 1))"""
     random_init: bool = False
     """evaluate a freshly initialised encoder of the checkpoint's shape instead of its weights: the baseline"""
     with_random_init: bool = False
@@ -102,18 +103,24 @@ class Args:
     """neighbours that vote in the kNN classifier (also reported: 10 and 200)"""
     knn_t: float = 0.07
     """temperature T of the kNN vote weight exp(s / T)"""
-    linear_epochs: int = 100
-    """epochs of the linear probe over the cached training features"""
+    linear_recipe: str = "fast"
+    """'fast': the probe on cached centre-crop features, SGD (seconds); 'official': MAE's main_linprobe.py on the images, RandomResizedCrop + flip every epoch, LARS, 10 warm-up epochs (minutes to hours: every epoch runs the encoder)"""
+    linear_epochs: int | None = None
+    """epochs of the linear probe (fast: 100; official: 90, MAE's)"""
     linear_lr: float = 0.1
-    """SGD lr of the linear probe at batch 256 (scaled linearly with --linear-batch-size), cosine-decayed"""
-    linear_batch_size: int = 1024
-    """mini-batch of the linear probe"""
+    """base lr of the linear probe at batch 256, scaled linearly with --linear-batch-size, cosine-decayed (fast: SGD; official: LARS, MAE's blr 0.1)"""
+    linear_batch_size: int | None = None
+    """batch of the linear probe (fast: 1024; official: MAE's 16384, reached by gradient accumulation over --batch-size images)"""
     fewshot_shots: str = "1,2,5"
     """labelled images per class of the few-shot protocol (MSN: 1, 2, 5)"""
     fewshot_fractions: str = "0.01,0.1"
     """fractions of the labels, taken class by class (1% and 10%)"""
     fewshot_subsets: int = 3
     """random subsets per setting; the table shows mean and std over them"""
+    fewshot_pool: str = "cls-prenorm"
+    """read-out of the few-shot protocol: MSN's logistic_eval.py reads the last block's CLS before the final norm ('cls-prenorm'); 'same' uses --pool"""
+    subsets: tuple[str, ...] = ()
+    """few-shot subset lists in MSN's format (one training image file name per line, e.g. n01440764_10026.JPEG; MSN ships imagenet_subsets1..3/1imgs_class.txt etc.), scored instead of random subsets; files of the same name in different folders are one setting (mean and std)"""
     subsets_dir: str = "runs/subsets"
     """where the few-shot subsets are saved (one file of training indices each) and reused, so every checkpoint is scored on the same images"""
     logreg_lambda: float = 2.5e-4
@@ -124,6 +131,12 @@ class Args:
     """k-means runs from different k-means++ seeds; the one with the lowest inertia is scored"""
     tsne_points: int = 2000
     """val images in the t-SNE picture"""
+    corruptions: str = "gaussian_noise,gaussian_blur,contrast,brightness,jpeg,pixelate"
+    """the common corruptions of the robustness protocol, each at severities 1 to 5"""
+    transfer_data: tuple[str, ...] = ()
+    """other labelled data sets (folders with train/ and val/, or 'cifar10', 'fake'): kNN and linear probe of the same frozen encoder there (generalisation)"""
+    pretext_images: int = 512
+    """val images of the pretext protocol (the method's own objective on images it did not train on)"""
     finetune_epochs: int = 100
     """fine-tuning epochs (MAE: 100 for ViT-B)"""
     finetune_blr: float = 5e-4
@@ -162,6 +175,8 @@ class Args:
     """images per forward pass when computing features"""
     max_train_images: int = 0
     """use only this many training images (a fixed random subset; 0 = all), for quick checks"""
+    max_val_images: int = 0
+    """use only this many val images (a fixed random subset; 0 = all); with --max-train-images it gives the subsets of a training run's kNN monitor (--knn-train / --knn-val, seed 0)"""
     seed: int = 0
     """seeds the random-init encoder, the subsets, the probes, k-means and fine-tuning"""
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
@@ -173,6 +188,8 @@ class Args:
     out: str = ""
     """where to write the JSON results (default: next to the checkpoint, eval-<encoder>-<pool>[-random].json; for several checkpoints, runs/compare-<time>.json); a Markdown table goes next to it"""
 
+
+PAPER = {}  # the method files' published values of their flags; here each protocol's help names its source
 
 # The two sections below are the method files' own, word for word (tests/test_shared_blocks.py checks it).
 # ---- argument parsing (also in evaluate.py) ----
@@ -187,7 +204,8 @@ def parse_args(argv=None):
         if typing.get_origin(kind) in (typing.Union, types.UnionType):  # "int | None" -> int
             kind = next(t for t in typing.get_args(kind) if t is not type(None))
         default = f.default if f.default is not None else "auto" if kind is bool else "from the recipe"
-        options = dict(default=f.default, help=f"{helps.get(f.name, '')} (default: {default})".replace("%", "%%"))
+        paper = f" (paper: {PAPER[f.name]})" if f.name in PAPER else ""  # the method's published value
+        options = dict(default=f.default, help=f"{helps.get(f.name, '')}{paper} (default: {default})".replace("%", "%%"))
         if kind is bool:
             options.update(action=argparse.BooleanOptionalAction)
         elif typing.get_origin(kind) is tuple:  # "tuple[str, ...]" -> one or more values
@@ -196,7 +214,6 @@ def parse_args(argv=None):
             options.update(type=kind)
         parser.add_argument("--" + f.name.replace("_", "-"), **options)
     return Args(**vars(parser.parse_args(argv)))
-
 
 # ---- data (also in evaluate.py) ----
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
@@ -222,13 +239,16 @@ def check_folder(root):
     if not os.path.isdir(root):
         raise DataError(f"data folder {root!r} does not exist (--data takes 'cifar10', 'fake' or a folder)")
 
-def walk_images(top):
-    """(folder, sorted image names) under top, sorted, without hidden files; a folder linked twice is read once."""
-    seen = set()
+def walk_images(top, seen=None, avoid=()):
+    """(folder, sorted image names) under top, sorted, without hidden files. Through symbolic links a folder is read
+    once (seen: the real paths read so far, shared by the caller), and the folders in avoid (the data root, the other
+    classes) and their parents are not entered, so that a link cannot label another class's images as this one's."""
+    seen = set() if seen is None else seen
     for folder, dirs, files in os.walk(top, followlinks=True):
         real = os.path.realpath(folder)
-        dirs[:] = [] if real in seen else sorted(d for d in dirs if not d.startswith("."))
-        if real not in seen:
+        skip = real in seen or any(a == real or a.startswith(real + os.sep) for a in avoid)
+        dirs[:] = [] if skip else sorted(d for d in dirs if not d.startswith("."))
+        if not skip:
             seen.add(real)
             yield folder, sorted(f for f in files if not f.startswith(".") and f.lower().endswith(IMAGE_EXTS))
 
@@ -236,8 +256,12 @@ def find_images(root):
     """(path, label) pairs and class names for a folder of class folders, or a flat folder (label -1)."""
     check_folder(root)
     classes = sorted(d for d in os.listdir(root) if not d.startswith(".") and os.path.isdir(os.path.join(root, d)))
-    samples = [(os.path.join(folder, f), label) for label, name in enumerate(classes)
-               for folder, files in sorted(walk_images(os.path.join(root, name))) for f in files]
+    tops = [os.path.realpath(p) for p in [root] + [os.path.join(root, name) for name in classes]]
+    seen, samples = set(), []
+    for label, name in enumerate(classes):
+        others = [t for t in tops if t != tops[1 + label]]
+        samples += [(os.path.join(folder, f), label) for folder, files in
+                    sorted(walk_images(os.path.join(root, name), seen, others)) for f in files]
     if not classes:  # a flat folder of unlabelled images
         samples = [(os.path.join(root, f), -1) for f in next(walk_images(root))[1]]
     if not samples:
@@ -292,9 +316,15 @@ def build_dataset(data, split="train", img_size=32):
         return FakeImages(1000 if split == "train" else 200, size=img_size)
     if data == "cifar10":
         root = os.environ.get("CIFAR10_ROOT", os.path.join("data", "cifar10-torchvision"))
+        existed = os.path.isdir(root)
         try:
             return torchvision.datasets.CIFAR10(root, train=(split == "train"), download=True)
         except Exception as e:
+            if not existed:  # no empty folder left behind
+                try:
+                    os.removedirs(root)
+                except OSError:
+                    pass
             raise DataError(f"could not download CIFAR-10 into {root} ({type(e).__name__}: {e}); without a "
                             "network, pass --data PATH to a folder of images, e.g. CIFAR-10 as JPEGs") from None
     for name in ["train"] if split == "train" else ["val", "test"]:  # ImageNet layout: train/ and val/ (or test/)
@@ -321,11 +351,12 @@ def peek_image_sides(data, count=16):
         raise DataError(f"no images ({', '.join(IMAGE_EXTS)}) found in {data!r}")
     return sides
 
-def eval_transform(img_size):
-    """Centre crop: resize to img_size / 0.875, crop (224 -> 256 -> 224); small images are only resized."""
+def eval_transform(img_size, uint8=False, interpolation=T.InterpolationMode.BICUBIC):
+    """Centre crop: resize to img_size / 0.875, crop (224 -> 256 -> 224); small images are only resized. A normalised
+    float tensor, or with uint8 the crop's bytes (normalize(x.float() / 255) then gives the same floats)."""
     resize = round(img_size / 0.875) if img_size >= 96 else img_size
-    return T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(img_size),
-                      T.ToTensor(), T.Normalize(MEAN, STD)])
+    crop = [T.Resize(resize, interpolation=interpolation), T.CenterCrop(img_size)]
+    return T.Compose(crop + ([T.PILToTensor()] if uint8 else [T.ToTensor(), T.Normalize(MEAN, STD)]))
 
 class Augmented(torch.utils.data.Dataset):
     """base[index] through transform under the sample's seed from EpochSampler: every augmentation is a function
@@ -378,7 +409,6 @@ def end_workers():
     for worker in multiprocessing.active_children():
         worker.kill()
 
-
 # ---------------------------------------------------------------- encoder
 def load_encoder(path, which="default", random_init=False, seed=0):
     """The ViT a checkpoint describes, with the weights --encoder names (or fresh ones).
@@ -410,7 +440,8 @@ def load_encoder(path, which="default", random_init=False, seed=0):
             raise DataError(f"the {which} weights in {path} do not fit its encoder_config: {str(e).splitlines()[0]}") from None
         check_finite_weights(encoder, path, which)
     info = {"checkpoint": path, "method": ckpt.get("method"), "step": ckpt.get("step"),
-            "encoder": which, "random_init": random_init, "encoder_config": ckpt["encoder_config"]}
+            "encoder": which, "random_init": random_init, "encoder_config": ckpt["encoder_config"],
+            "efficiency": None if random_init else ckpt.get("efficiency")}  # what the training run cost
     return encoder, info
 
 
@@ -514,6 +545,14 @@ def hms(seconds):
     return f"{int(seconds // 3600)}:{int(seconds % 3600 // 60):02d}:{int(seconds % 60):02d}"
 
 
+def read_out(encoder, images, pool):
+    """The features of --pool: 'cls' or 'mean' after the final norm, or 'cls-prenorm', the CLS token of the last
+    block before the final LayerNorm (MSN's logistic_eval.py: deit.forward_blocks(x, 1))."""
+    if pool == "cls-prenorm":
+        return encoder(images, pool="cls", norm=False)
+    return encoder(images, pool=pool)
+
+
 @torch.no_grad()
 def extract_features(encoder, dataset, pool, device, amp, batch_size, num_workers, name="", progress_every=30.0):
     """Frozen features (N, D) in fp32 on the CPU and labels (N,), in dataset order. A progress line
@@ -525,7 +564,7 @@ def extract_features(encoder, dataset, pool, device, amp, batch_size, num_worker
     t0 = last = time.perf_counter()
     for images, y in loader:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            feats.append(encoder(images.to(device, non_blocking=True), pool=pool).float().cpu())
+            feats.append(read_out(encoder, images.to(device, non_blocking=True), pool).float().cpu())
         labels.append(torch.as_tensor(y))
         done += len(y)
         now = time.perf_counter()
@@ -545,7 +584,7 @@ def knn_predict(train_f, train_y, test_f, k=20, T=0.07, num_classes=None, chunk=
     to a test feature, class c scores sum_{i in top-k, y_i = c} exp(s_i / T); predict the argmax.
     Returns (N_test,) predicted labels."""
     num_classes = num_classes or int(train_y.max()) + 1
-    train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
+    train_f, test_f = torch.nn.functional.normalize(train_f, dim=1), torch.nn.functional.normalize(test_f, dim=1)
     preds = []
     for start in range(0, len(test_f), chunk):
         sims = test_f[start:start + chunk] @ train_f.T                      # (n, N_train) cosine similarities
@@ -560,14 +599,14 @@ def linear_probe(train_f, train_y, test_f, test_y, epochs=100, lr=0.1, batch_siz
     """MAE-style linear probe on frozen features: BatchNorm1d(affine=False, eps=1e-6) then Linear
     (weight ~ trunc_normal(0.01), bias 0), SGD momentum 0.9, no weight decay, cosine lr per step.
     Returns test top-1 accuracy in %."""
+    head = fit_linear_head(train_f, train_y, epochs, lr, batch_size, seed, device)
+    return head_accuracy(head, test_f, test_y, device)
+
+
+def fit_linear_head(train_f, train_y, epochs=100, lr=0.1, batch_size=1024, seed=0, device="cpu"):
+    """The probe of linear_probe(), trained on cached features; returns the head (in eval mode)."""
     g = torch.Generator().manual_seed(seed)
-    num_classes = int(train_y.max()) + 1
-    head = nn.Sequential(nn.BatchNorm1d(train_f.shape[1], affine=False, eps=1e-6),
-                         nn.Linear(train_f.shape[1], num_classes)).to(device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        nn.init.trunc_normal_(head[1].weight, std=0.01)
-    nn.init.zeros_(head[1].bias)
+    head = probe_head(train_f.shape[1], int(train_y.max()) + 1, seed).to(device)
     peak = lr * batch_size / 256
     optimizer = torch.optim.SGD(head.parameters(), lr=peak, momentum=0.9, weight_decay=0.0)
     train_f, train_y = train_f.to(device), train_y.to(device)
@@ -583,10 +622,148 @@ def linear_probe(train_f, train_y, test_f, test_y, epochs=100, lr=0.1, batch_siz
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    head.eval()
-    with torch.no_grad():
-        preds = head(test_f.to(device)).argmax(dim=1).cpu()
+    return head.eval()
+
+
+def probe_head(dim, num_classes, seed=0):
+    """MAE's linear-probe head: BatchNorm1d without affine parameters (eps 1e-6), then Linear with weights
+    trunc_normal(std 0.01) and zero bias."""
+    head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        nn.init.trunc_normal_(head[1].weight, std=0.01)
+    nn.init.zeros_(head[1].bias)
+    return head
+
+
+@torch.no_grad()
+def head_accuracy(head, test_f, test_y, device="cpu"):
+    preds = head(test_f.to(device)).argmax(dim=1).cpu()
     return 100.0 * (preds == test_y).float().mean().item()
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS as MAE's util/lars.py uses it for the linear probe: SGD with momentum, where the step of a weight
+    matrix (ndim > 1) is g' = g + wd w scaled by the trust ratio eta |w| / |g'| (1 when either norm is 0);
+    biases and norm weights take g unscaled and undecayed. Then mu <- momentum mu + g', w <- w - lr mu."""
+
+    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      trust_coefficient=trust_coefficient))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                step = p.grad
+                if p.ndim > 1:
+                    step = step.add(p, alpha=group["weight_decay"])
+                    w_norm, step_norm = p.norm(), step.norm()
+                    trust = torch.where((w_norm > 0) & (step_norm > 0),
+                                        group["trust_coefficient"] * w_norm / step_norm, torch.ones_like(w_norm))
+                    step = step * trust
+                mu = self.state[p].setdefault("mu", torch.zeros_like(p))
+                mu.mul_(group["momentum"]).add_(step)
+                p.add_(mu, alpha=-group["lr"])
+
+
+def official_linear_probe(args, encoder, img_size, device):
+    """MAE's main_linprobe.py on the images: the frozen encoder's read-out (--pool) through probe_head(), trained
+    with RandomResizedCrop (bicubic) + flip every epoch, LARS at lr = blr x batch / 256 (blr --linear-lr, 0.1),
+    wd 0, a linear warm-up of 10 epochs (at most half the run) then a half-cosine per step, cross-entropy; the
+    batch (16384) is reached by accumulating gradients over chunks of --batch-size images (each chunk's BatchNorm
+    statistics are its own, as with MAE's accum_iter). Evaluated on centre crops after every epoch.
+    Returns (last epoch's top-1, best epoch's top-1), both in %."""
+    torch.manual_seed(args.seed)
+    train, val = labelled_splits(args.data, img_size)
+    num_classes = len(train.classes)
+    crop = T.RandomResizedCrop(img_size, interpolation=T.InterpolationMode.BICUBIC)
+    train = Augmented(train_subset(train, args), T.Compose([crop, T.RandomHorizontalFlip(), T.ToTensor(),
+                                                              T.Normalize(MEAN, STD)]))
+    val = Augmented(train_subset(val, args, args.max_val_images), eval_transform(img_size))
+    epochs, batch = args.linear_epochs or 90, args.linear_batch_size or 16384
+    batch, chunk = min(batch, len(train)), min(args.batch_size, batch, len(train))
+    accum = max(1, batch // chunk)
+    head = probe_head(encoder.dim, num_classes, args.seed).to(device)
+    lr = args.linear_lr * batch / 256
+    optimizer = LARS(head.parameters(), lr=lr, weight_decay=0.0)
+    steps_per_epoch = len(train) // (chunk * accum)
+    total, warmup = epochs * steps_per_epoch, min(10 * steps_per_epoch, epochs * steps_per_epoch // 2)
+    sampler = EpochSampler(len(train), args.seed)
+    loader = torch.utils.data.DataLoader(train, batch_size=chunk, sampler=sampler, drop_last=True,
+                                         num_workers=args.num_workers, pin_memory=device.type == "cuda")
+    print(f"linear (official) | {len(train)} images | {epochs} epochs of {steps_per_epoch} steps | batch {chunk * accum} "
+          f"= {accum} x {chunk} | LARS lr {lr:.3g} (blr {args.linear_lr} x {chunk * accum}/256) | warm-up {warmup} steps")
+    encoder.eval()
+    accs, step = [], 0
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        head.train()
+        for i, (images, y) in enumerate(loader):
+            if i >= steps_per_epoch * accum:
+                break
+            if i % accum == 0:
+                progress = step / max(1, warmup) if step < warmup else \
+                    0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * progress
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+                feats = read_out(encoder, images.to(device), args.pool).float()
+            loss = F.cross_entropy(head(feats), torch.as_tensor(y).to(device)) / accum
+            loss.backward()
+            if i % accum == accum - 1:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+        val_f, val_y = extract_features(encoder, val, args.pool, device, args.amp, args.batch_size, args.num_workers)
+        accs.append(head_accuracy(head.eval(), val_f, val_y, device))
+        print(f"linear (official) | epoch {epoch + 1}/{epochs} | val top-1 {accs[-1]:.2f} (best {max(accs):.2f})", flush=True)
+    return accs[-1], max(accs)
+
+
+# ---- robustness: common corruptions (Hendrycks & Dietterich 2019) built from torch / torchvision ops
+CORRUPTIONS = ("gaussian_noise", "gaussian_blur", "contrast", "brightness", "jpeg", "pixelate")
+
+
+def corrupt(x, name, severity):
+    """An image x (3, H, W) in [0, 1] under one corruption at severity 0 (x itself) to 5. The levels are
+    ImageNet-C's, except the blur, whose sigma is CIFAR-10-C's scaled with the image side, and the pixelation,
+    in blocks of 2 to 6 pixels; random draws (the noise) come from the global RNG, which Augmented seeds per image."""
+    if severity == 0:
+        return x
+    s = severity - 1
+    if name == "gaussian_noise":
+        return (x + torch.randn_like(x) * [0.08, 0.12, 0.18, 0.26, 0.38][s]).clamp(0, 1)
+    if name == "gaussian_blur":
+        sigma = [0.4, 0.6, 0.7, 0.8, 1.0][s] * x.shape[-1] / 32
+        return T.functional.gaussian_blur(x, 2 * math.ceil(3 * sigma) + 1, sigma)
+    if name == "contrast":  # towards each channel's mean
+        mean = x.mean(dim=(-2, -1), keepdim=True)
+        return ((x - mean) * [0.4, 0.3, 0.2, 0.1, 0.05][s] + mean).clamp(0, 1)
+    if name == "brightness":  # + b on the HSV value, hue and saturation kept (a black pixel becomes grey b)
+        b, value = [0.1, 0.2, 0.3, 0.4, 0.5][s], x.amax(dim=0, keepdim=True)
+        scale = (value + b).clamp(max=1) / value.clamp(min=1e-12)
+        return torch.where(value > 0, x * scale, torch.full_like(x, b)).clamp(0, 1)
+    if name == "jpeg":  # PIL's encoder at ImageNet-C's qualities
+        import io
+        from PIL import Image
+        buffer = io.BytesIO()
+        T.functional.to_pil_image(x).save(buffer, format="JPEG", quality=[25, 18, 15, 10, 7][s])
+        return T.functional.to_tensor(Image.open(buffer).convert("RGB"))
+    if name == "pixelate":  # each block of b x b pixels replaced by its mean, b = 2 to 6
+        b, (h, w) = [2, 3, 4, 5, 6][s], x.shape[-2:]
+        blocks = F.avg_pool2d(x[None], b, stride=b, ceil_mode=True)
+        return blocks.repeat_interleave(b, dim=-2).repeat_interleave(b, dim=-1)[0, :, :h, :w]
+    raise DataError(f"unknown corruption {name!r}; choose from {', '.join(CORRUPTIONS)}")
+
+
+def corrupted_transform(img_size, name, severity):
+    """The centre crop of eval_transform, the corruption on its [0, 1] pixels, then the normalisation."""
+    resize = round(img_size / 0.875) if img_size >= 96 else img_size
+    return T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(img_size),
+                      T.ToTensor(), T.Lambda(lambda x: corrupt(x, name, severity)), T.Normalize(MEAN, STD)])
 
 
 def class_subset(labels, per_class=0, fraction=0.0, seed=0):
@@ -638,19 +815,27 @@ def logistic_regression(x, y, num_classes, lam, iters=300):
     return W.detach()
 
 
+def cyanure_preprocess(x):
+    """MSN's cyan.preprocess(x, normalize=True, columns=False, centering=True): each row (one image's feature) minus
+    its own mean over its D values, then L2-normalised. A function of the row alone: the labelled and the test
+    features are preprocessed separately and nothing is shared between them."""
+    return F.normalize(x - x.mean(dim=1, keepdim=True), dim=1)
+
+
 def few_shot(train_f, train_y, test_f, test_y, per_class=0, fraction=0.0, subsets=3, lam=2.5e-4, iters=300,
-             folder="runs/subsets", device="cpu"):
-    """The MSN protocol on `subsets` fixed subsets: centre by the labelled features' mean, L2-normalise,
-    fit the regression with lambda = lam / n, score top-1 on the test features. Returns the accuracies (%)."""
+             folder="runs/subsets", device="cpu", subset_indices=None):
+    """The MSN protocol (logistic_eval.py) on `subsets` fixed subsets (or the given lists of training indices):
+    cyanure's row preprocessing of the labelled and the test features, the regression with lambda = lam / n,
+    test top-1. Returns the accuracies (%)."""
     num_classes = int(max(train_y.max(), test_y.max())) + 1
     tag = f"{per_class}shot" if per_class else f"{100 * fraction:g}pct"
-    accs = []
-    for s in range(subsets):
-        idx = saved_subset(folder, f"{tag}-{s}", train_y, per_class, fraction, seed=s)
-        x, y = train_f[idx].to(device), train_y[idx].to(device)
-        mean = x.mean(dim=0, keepdim=True)
-        W = logistic_regression(F.normalize(x - mean, dim=1), y, num_classes, lam / len(idx), iters)
-        preds = (F.normalize(test_f.to(device) - mean, dim=1) @ W).argmax(dim=1).cpu()
+    if subset_indices is None:
+        subset_indices = [saved_subset(folder, f"{tag}-{s}", train_y, per_class, fraction, seed=s) for s in range(subsets)]
+    test_x, accs = cyanure_preprocess(test_f.to(device)), []
+    for idx in subset_indices:
+        x, y = cyanure_preprocess(train_f[idx].to(device)), train_y[idx].to(device)
+        W = logistic_regression(x, y, num_classes, lam / len(idx), iters)
+        preds = (test_x @ W).argmax(dim=1).cpu()
         accs.append(100.0 * (preds == test_y).float().mean().item())
     return accs
 
@@ -712,9 +897,9 @@ def ari(a, b):
     return 1.0 if denom == 0 else ((index - expected) / denom).item()
 
 
-def tsne_plot(feats, labels, path, title, points=2000, seed=0):
-    """A t-SNE scatter of `points` features coloured by class, if scikit-learn and matplotlib are
-    installed; otherwise returns a message saying what to install."""
+def tsne_plot(feats, labels, path, title, points=2000, seed=0, class_names=None):
+    """A t-SNE scatter of `points` features coloured by class, with a legend of the class names (up to 20),
+    if scikit-learn and matplotlib are installed; otherwise returns a message saying what to install."""
     try:
         from sklearn.manifold import TSNE
         import matplotlib
@@ -725,7 +910,13 @@ def tsne_plot(feats, labels, path, title, points=2000, seed=0):
     idx = torch.randperm(len(feats), generator=torch.Generator().manual_seed(seed))[:points]
     xy = TSNE(n_components=2, init="pca", random_state=seed).fit_transform(F.normalize(feats[idx], dim=1).numpy())
     fig, ax = plt.subplots(figsize=(6, 6))
-    ax.scatter(xy[:, 0], xy[:, 1], c=labels[idx].numpy(), cmap="tab10" if labels.max() < 10 else "tab20", s=3)
+    cmap = plt.get_cmap("tab10" if labels.max() < 10 else "tab20")
+    for c in labels[idx].unique().tolist():
+        at = labels[idx] == c
+        name = class_names[c] if class_names and c < len(class_names) else str(c)
+        ax.scatter(xy[at.numpy(), 0], xy[at.numpy(), 1], color=cmap(c % cmap.N), s=3, label=name)
+    if labels.max() < 20:
+        ax.legend(markerscale=4, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     ax.set_title(title, fontsize=8)
     ax.set_xticks([])
     ax.set_yticks([])
@@ -734,13 +925,101 @@ def tsne_plot(feats, labels, path, title, points=2000, seed=0):
     return path
 
 
-def train_subset(dataset, args):
+def train_subset(dataset, args, n=None):
     """The fixed random subset of --max-train-images training images (seed --seed), or all of them;
-    the same images for the frozen features and for fine-tuning."""
-    if not args.max_train_images or args.max_train_images >= len(dataset):
+    the same images for the frozen features and for fine-tuning. n: another size (--max-val-images)."""
+    n = args.max_train_images if n is None else n
+    if not n or n >= len(dataset):
         return dataset
     keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))
-    return torch.utils.data.Subset(dataset, keep[:args.max_train_images].tolist())
+    return torch.utils.data.Subset(dataset, keep[:n].tolist())
+
+
+def robustness(args, train_f, train_y, test_f, test_y, num_classes, features, img_size, device):
+    """kNN and linear top-1 on the val images under each corruption at severities 1 to 5, against the clean
+    training features (the linear head trained once, on them), and the mean accuracy relative to clean."""
+    head = fit_linear_head(train_f, train_y, args.linear_epochs or 100, args.linear_lr, args.linear_batch_size or 1024,
+                           args.seed, device)
+    def scores(f, y):
+        knn = 100.0 * (knn_predict(train_f, train_y, f, args.knn_k, args.knn_t, num_classes) == y).float().mean().item()
+        return {"knn": knn, "linear": head_accuracy(head, f, y, device)}
+    out = {"clean": scores(test_f, test_y)}
+    for name in [c.strip() for c in args.corruptions.split(",") if c.strip()]:
+        corrupt(torch.zeros(3, 4, 4), name, 1)  # an unknown name stops here, before any compute
+        levels = [scores(*features("val", transform=corrupted_transform(img_size, name, s), tag=f"{name} {s}"))
+                  for s in range(1, 6)]
+        out[name] = {k: [level[k] for level in levels] for k in ("knn", "linear")}
+        print(f"robustness {name}: kNN {' '.join(f'{a:.1f}' for a in out[name]['knn'])} | "
+              f"linear {' '.join(f'{a:.1f}' for a in out[name]['linear'])} (severity 1 to 5)")
+    names = [n for n in out if n != "clean"]
+    for k in ("knn", "linear"):  # ImageNet-C's "relative" view: accuracy under corruption / clean accuracy
+        mean = sum(sum(out[n][k]) for n in names) / (5 * len(names)) if names else float("nan")
+        out[f"mean_{k}"], out[f"relative_{k}"] = mean, mean / max(out["clean"][k], 1e-9)
+    print(f"robustness: mean kNN {out['mean_knn']:.2f} ({100 * out['relative_knn']:.0f}% of clean), mean linear "
+          f"{out['mean_linear']:.2f} ({100 * out['relative_linear']:.0f}% of clean)")
+    return out
+
+
+def msn_subsets(paths, train, args):
+    """MSN's subset lists (one training image file name per line, as in its imagenet_subsets*/Nimgs_class.txt)
+    -> {file name: [training indices of each list]}; lists of the same file name are one setting."""
+    if not isinstance(train, ImageFiles) or args.max_train_images:
+        raise DataError("--subsets needs --data FOLDER with every training image (no --max-train-images)")
+    where = {os.path.basename(path): i for i, (path, _) in enumerate(train.samples)}
+    groups = {}
+    for path in paths:
+        try:
+            names = [line.strip() for line in open(path) if line.strip()]
+        except OSError as e:
+            raise DataError(f"cannot read subset list {path}: {os.strerror(e.errno) if e.errno else e}") from None
+        missing = [n for n in names if n not in where]
+        if missing:
+            raise DataError(f"{path}: {len(missing)} of its {len(names)} images are not in the training set "
+                            f"(e.g. {missing[0]})")
+        groups.setdefault(os.path.splitext(os.path.basename(path))[0], []).append(torch.tensor([where[n] for n in names]))
+    return groups
+
+
+def pretext(args, info, random_init, device, stem):
+    """The method's own training objective on --pretext-images val images it did not train on, with the views
+    and masks of fixed seeds (the same images, views and masks for every checkpoint of the method): the method
+    file named in the checkpoint builds the model and scores it (its pretext_metrics())."""
+    import importlib
+    ckpt = torch.load(info["checkpoint"], map_location="cpu", weights_only=True)
+    if not isinstance(ckpt.get("args"), dict) or ckpt.get("method") not in METHOD_FILES or "model" not in ckpt:
+        print(f"pretext: skipped, {info['checkpoint']} holds only an encoder, not a method file's training run")
+        return "skipped: the checkpoint holds only an encoder"
+    method = importlib.import_module(ckpt["method"])  # mae.py, msn.py, ...: they import only vit.py
+    margs = method.Args(**{k: v for k, v in ckpt["args"].items() if k in method.Args.__dataclass_fields__})
+    margs.device, margs.amp, margs.compile = str(device), args.amp, False
+    model = method.build_model(margs).to(device)
+    if not random_init:
+        model.load_state_dict(ckpt["model"])
+    val = method.build_dataset(args.data, "val", margs.img_size)
+    n = min(args.pretext_images, len(val))
+    keep = torch.randperm(len(val), generator=torch.Generator().manual_seed(args.seed))[:n].tolist()
+    views = method.Augmented(val, method.train_transform(margs))
+    batch = min(margs.batch_size, n)
+    totals, count = {}, 0
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for start in range(0, n - batch + 1, batch):  # whole batches: the losses with negatives depend on the batch
+            items = [views[(i, 1_000_003 * args.seed + i)] for i in keep[start:start + batch]]
+            crops = method.to_device(method.collate([x for x, _ in items]), device)
+            torch.manual_seed(args.seed * 7919 + start)  # the masks
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+                metrics = method.pretext_metrics(model, method.device_views(crops, margs), margs)
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0.0) + float(v) * len(items)
+            count += len(items)
+    out = {k: v / count for k, v in totals.items()}
+    out.update(images=count, batch=batch)
+    if hasattr(method, "save_reconstructions"):  # MAE / CMAE: the picture of 8 of these val images
+        images = torch.stack([eval_transform(margs.img_size)(val[i][0]) for i in keep[:8]]).to(device)
+        method.save_reconstructions(model, images, stem + "-pretext.png")
+        out["picture"] = stem + "-pretext.png"
+    print(f"pretext ({ckpt['method']}, {count} val images in batches of {batch}): "
+          + ", ".join(f"{k} {v:.4g}" for k, v in out.items() if isinstance(v, float)))
+    return out
 
 
 # ---------------------------------------------------------------- fine-tuning
@@ -826,6 +1105,7 @@ def finetune(args, encoder, info, device, ckpt_path):
     rates = [args.drop_path * i / max(len(encoder.blocks) - 1, 1) for i in range(len(encoder.blocks))]
     for block, rate in zip(encoder.blocks, rates):  # stochastic depth rising linearly to --drop-path
         block.drop_path.p = rate
+    encoder.pos_embed.requires_grad_(True)  # MAE's fine-tuning model learns its position table, from the checkpoint's
     model = Classifier(encoder, num_classes).to(device)
     decay = args.layer_decay or (0.65 if encoder.dim == 768 else 0.75)
     lr = args.finetune_blr * args.finetune_batch_size / 256
@@ -928,18 +1208,26 @@ def evaluate_one(args, source, kind, protocols, random_init, device):
         raise DataError(f"{stem}-finetune.pt already holds a fine-tuning run (step {done.get('step')}): continue it "
                         "with --resume, or move it away to fine-tune again from the start")
     results = dict(info, data=args.data, pool=args.pool)
-    frozen = [p for p in protocols if p != "finetune"]
-    if frozen:  # features of centre crops, no augmentation
-        t0 = time.perf_counter()
-        feats = {}
-        for split, dataset in zip(("train", "val"), labelled_splits(args.data, img_size)):
-            dataset = Augmented(dataset, eval_transform(img_size))
-            if split == "train":
-                dataset = train_subset(dataset, args)
-            feats[split] = extract_features(encoder, dataset, args.pool, device, args.amp, args.batch_size, args.num_workers, split)
-        (train_f, train_y), (test_f, test_y) = feats["train"], feats["val"]
-        print(f"features: {len(train_f)} train, {len(test_f)} val, dim {train_f.shape[1]}, "
-              f"pool {args.pool}, {time.perf_counter() - t0:.0f} s")
+    if info.get("efficiency"):
+        print(cost_line(info["efficiency"]))
+    splits, cache = labelled_splits(args.data, img_size) if set(protocols) - {"finetune", "pretext"} else None, {}
+
+    def features(split, pool=args.pool, transform=None, tag="", data=None):
+        """Frozen features of a split (centre crops, or another transform), computed once per read-out and tag."""
+        key = (data, split, pool, tag)
+        if key not in cache:
+            pair = labelled_splits(data, img_size) if data else splits
+            dataset = Augmented(pair[split == "val"], transform or eval_transform(img_size))
+            dataset = train_subset(dataset, args, None if split == "train" else args.max_val_images)
+            t0 = time.perf_counter()
+            cache[key] = extract_features(encoder, dataset, pool, device, args.amp, args.batch_size, args.num_workers,
+                                          f"{data or ''} {split} {tag}".strip())
+            print(f"features: {len(cache[key][0])} {split}{' of ' + data if data else ''}{', ' + tag if tag else ''}, "
+                  f"dim {cache[key][0].shape[1]}, pool {pool}, {time.perf_counter() - t0:.0f} s")
+        return cache[key]
+
+    if set(protocols) & {"knn", "linear", "kmeans", "tsne", "robustness"}:
+        (train_f, train_y), (test_f, test_y) = features("train"), features("val")
         results.update(n_train=len(train_f), n_val=len(test_f))
         num_classes = int(max(train_y.max(), test_y.max())) + 1
     if "knn" in protocols:
@@ -947,28 +1235,54 @@ def evaluate_one(args, source, kind, protocols, random_init, device):
             preds = knn_predict(train_f, train_y, test_f, k, args.knn_t, num_classes)
             results[f"knn_top1_k{k}"] = 100.0 * (preds == test_y).float().mean().item()
         results["knn_top1"] = results[f"knn_top1_k{args.knn_k}"]
-    if "linear" in protocols:
-        results["linear_top1"] = linear_probe(train_f, train_y, test_f, test_y, args.linear_epochs, args.linear_lr,
-                                              args.linear_batch_size, args.seed, device)
-    if "fewshot" in protocols:
-        folder = os.path.join(args.subsets_dir, f"{os.path.basename(os.path.normpath(args.data))}-{len(train_y)}")
-        settings = [(int(s), 0.0) for s in args.fewshot_shots.split(",") if s.strip()]
-        settings += [(0, float(f)) for f in args.fewshot_fractions.split(",") if f.strip()]
-        for per_class, fraction in settings:
-            tag = f"{per_class}shot" if per_class else f"{100 * fraction:g}pct"
-            accs = few_shot(train_f, train_y, test_f, test_y, per_class, fraction, args.fewshot_subsets,
-                            args.logreg_lambda, args.logreg_iters, folder, device)
+    if "linear" in protocols and args.linear_recipe == "official":
+        last, best = official_linear_probe(args, encoder, img_size, device)
+        results["linear_top1"], results["linear_top1_best_on_val"] = last, best
+        results["linear_recipe"] = "official (MAE main_linprobe.py: images, LARS)"
+    elif "linear" in protocols:
+        results["linear_top1"] = linear_probe(train_f, train_y, test_f, test_y, args.linear_epochs or 100, args.linear_lr,
+                                              args.linear_batch_size or 1024, args.seed, device)
+        results["linear_recipe"] = "fast (cached centre-crop features, SGD)"
+    if "fewshot" in protocols:  # MSN's logistic_eval.py: its read-out, its resize (bilinear), its preprocessing
+        pool = args.pool if args.fewshot_pool == "same" else args.fewshot_pool
+        bilinear = img_size >= 96  # small images are not resized, so the interpolation does not matter
+        tag = "bilinear resize" if bilinear else ""
+        transform = eval_transform(img_size, interpolation=T.InterpolationMode.BILINEAR) if bilinear else None
+        (shot_f, shot_y), (query_f, query_y) = features("train", pool, transform, tag), features("val", pool, transform, tag)
+        folder = os.path.join(args.subsets_dir, f"{os.path.basename(os.path.normpath(args.data))}-{len(shot_y)}")
+        settings = [(f"{int(n)}shot", int(n), 0.0, None) for n in args.fewshot_shots.split(",") if n.strip()]
+        settings += [(f"{100 * float(x):g}pct", 0, float(x), None) for x in args.fewshot_fractions.split(",") if x.strip()]
+        if args.subsets:  # MSN's own subset lists instead of our random ones
+            settings = [(f"file-{name}", 0, 0.0, lists) for name, lists in msn_subsets(args.subsets, splits[0], args).items()]
+        for tag, per_class, fraction, lists in settings:
+            accs = few_shot(shot_f, shot_y, query_f, query_y, per_class, fraction, args.fewshot_subsets,
+                            args.logreg_lambda, args.logreg_iters, folder, device, lists)
             acc = torch.tensor(accs)
             results[f"fewshot_{tag}"] = {"mean": acc.mean().item(), "std": acc.std().item() if len(accs) > 1 else 0.0,
-                                         "runs": accs}
+                                         "runs": accs, "pool": pool}
             print(f"few-shot {tag}: {acc.mean():.2f} +- {results[f'fewshot_{tag}']['std']:.2f} over {len(accs)} subsets")
     if "kmeans" in protocols:
         clusters = kmeans(F.normalize(test_f, dim=1), num_classes, restarts=args.kmeans_restarts, seed=args.seed)
         results["kmeans_nmi"], results["kmeans_ari"] = nmi(clusters, test_y), ari(clusters, test_y)
     if "tsne" in protocols:
-        results["tsne"] = tsne_plot(test_f, test_y, stem + "-tsne.png", f"{info['method']} {info['checkpoint']}",
-                                    args.tsne_points, args.seed)
+        title = f"{info['method']}{' (random init)' if random_init else ''}, step {info['step']}: {info['checkpoint']}"
+        results["tsne"] = tsne_plot(test_f, test_y, stem + "-tsne.png", title, args.tsne_points, args.seed,
+                                    getattr(splits[1], "classes", None))
         print(f"t-SNE: {results['tsne']}")
+    if "robustness" in protocols:
+        results["robustness"] = robustness(args, train_f, train_y, test_f, test_y, num_classes, features, img_size, device)
+    for data in args.transfer_data:  # generalisation: the same frozen protocols on another labelled data set
+        (tr_f, tr_y), (te_f, te_y) = features("train", data=data), features("val", data=data)
+        n = int(max(tr_y.max(), te_y.max())) + 1
+        knn = 100.0 * (knn_predict(tr_f, tr_y, te_f, args.knn_k, args.knn_t, n) == te_y).float().mean().item()
+        linear = linear_probe(tr_f, tr_y, te_f, te_y, args.linear_epochs or 100, args.linear_lr,
+                              args.linear_batch_size or 1024, args.seed, device)
+        results.setdefault("transfer", {})[data] = {"knn_top1": knn, "linear_top1": linear, "n_train": len(tr_f)}
+        print(f"transfer to {data}: kNN top-1 {knn:.2f}, linear top-1 {linear:.2f}")
+    if "pretext" in protocols:
+        if kind != "ckpt":
+            raise DataError("the pretext protocol needs a checkpoint written by a method file here (--ckpt)")
+        results["pretext"] = pretext(args, info, random_init, device, stem)
     if "finetune" in protocols:
         results["finetune_top1"] = finetune(args, encoder, info, device, stem + "-finetune.pt")
     path = args.out if args.out and len(args.ckpt) + len(args.weights) == 1 and not args.with_random_init else stem + ".json"
@@ -977,6 +1291,14 @@ def evaluate_one(args, source, kind, protocols, random_init, device):
         json.dump(results, f, indent=1)
     results["json"] = path
     return results
+
+
+def cost_line(e):
+    """What a training run cost (its checkpoint's "efficiency"), for reading beside its accuracies."""
+    memory = f"{e['peak_memory_gib']:.2f} GiB ({e['peak_memory_of']})" if e.get("peak_memory_gib") else "n/a"
+    return (f"training cost: {e['steps']:,} steps, {e['images_seen']:,} images in {e['seconds'] / 60:.1f} min on "
+            f"{e['devices']} x {e['device']} ({e['device_hours']:.3g} device-hours, {e['img_per_s']:,.0f} img/s), "
+            f"peak memory {memory}")
 
 
 def merged_with_earlier(path, results):
@@ -1001,11 +1323,20 @@ def markdown_table(rows):
     def fmt(key, v):
         if isinstance(v, dict):
             return f"{v['mean']:.1f} ± {v['std']:.1f}"
-        return "-" if v is None else f"{v:.3f}" if key.startswith("kmeans") else f"{v:.2f}"
+        return "-" if v is None else f"{v:.3f}" if key.startswith(("kmeans", "device", "pretext")) else f"{v:.2f}"
     columns = [("knn_top1", "kNN top-1"), ("linear_top1", "linear top-1")]
     shots = sorted({k for r in rows for k in r if k.startswith("fewshot_")}, key=lambda k: ("pct" in k, float(k.split("_")[1].rstrip("shotpc"))))
     columns += [(k, k.split("_")[1].replace("shot", "-shot").replace("pct", "%")) for k in shots]
     columns += [("kmeans_nmi", "k-means NMI"), ("kmeans_ari", "ARI"), ("finetune_top1", "fine-tune")]
+    columns += [("robust_knn", "kNN under corruption (% of clean)"), ("pretext_loss", "pretext loss")]
+    columns += [("train_minutes", "training min"), ("device_hours", "device-hours")]
+    for r in rows:  # the cost of each checkpoint's training run, beside its accuracies
+        if r.get("efficiency"):
+            r["train_minutes"], r["device_hours"] = r["efficiency"]["seconds"] / 60, r["efficiency"]["device_hours"]
+        if isinstance(r.get("robustness"), dict):
+            r["robust_knn"] = 100 * r["robustness"]["relative_knn"]
+        if isinstance(r.get("pretext"), dict):
+            r["pretext_loss"] = r["pretext"]["loss"]
     columns = [(k, name) for k, name in columns if any(k in r for r in rows)]
     lines = ["| encoder | method | weights | pool | " + " | ".join(name for _, name in columns) + " |",
              "|---" * (4 + len(columns)) + "|"]
@@ -1039,8 +1370,8 @@ def evaluate(args):
     unknown = set(protocols) - set(PROTOCOLS)
     if unknown:
         raise DataError(f"unknown protocol(s) {sorted(unknown)}; choose from {', '.join(PROTOCOLS)} or all")
-    if args.pool not in ("cls", "mean"):
-        raise DataError(f"--pool must be 'cls' or 'mean', not {args.pool!r}")
+    if args.pool not in ("cls", "mean", "cls-prenorm"):
+        raise DataError(f"--pool must be 'cls', 'mean' or 'cls-prenorm', not {args.pool!r}")
     sources = [(c, "ckpt", args.random_init) for c in args.ckpt] + [(w, "weights", args.random_init) for w in args.weights]
     if args.with_random_init:
         sources.append((*sources[0][:2], True))

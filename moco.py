@@ -26,7 +26,8 @@ Paper -> code
 
 Deviations from the paper
   - One GPU: batch 256 instead of 4096, so each query sees 255 negatives instead of 4095; lr
-    follows the paper's rule lr = blr x batch / 256. The BN in the heads is per GPU (no SyncBN needed).
+    follows the paper's rule lr = blr x batch / 256. On many GPUs the heads' BN uses the global batch, as
+    the official SyncBN does (below).
   - ViT-S has 6 heads here (the shared vit.py, as DeiT and MSN); the official ViT-S has 12.
   - Initialisation: the shared MAE scheme, not MoCo v3's xavier over separate q, k, v and CLS std
     1e-6 (REFERENCE §0.4).
@@ -45,6 +46,8 @@ Deviations from the paper
     the same distributions as the official torchvision / PIL transforms (tests/test_views.py). The
     blur is a true Gaussian (torchvision's GaussianBlur); the official code uses PIL's
     ImageFilter.GaussianBlur, a box-filter approximation of it with radius = sigma.
+    PIL's colour jitter also rounds to 8 bits after each of its ops; ours stays in float until the
+    normalisation (on average about 1 grey level apart, up to 18 where the hue turns).
 
 Many GPUs (torchrun; README "Many GPUs")
   - Keys gathered from every GPU without gradient, each query's positive at its global index
@@ -52,33 +55,15 @@ Many GPUs (torchrun; README "Many GPUs")
   - BatchNorm of projector and predictor over the global batch (official main_moco.py:
     SyncBatchNorm)                                                           -> GlobalBatchNorm1d
 """
-# ---------------------------------------------------------------- imports
-import argparse
-import ast
-import atexit
+# ---------------------------------------------------------------- imports (the machinery's own are at its start)
 import copy
-import dataclasses
-import inspect
-import itertools
-import json
 import math
-import multiprocessing
 import os
-import pathlib
-import re
-import shutil
-import signal
-import sys
-import time
-import types
-import typing
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 import torchvision.transforms as T
 
 from vit import ViT
@@ -87,6 +72,301 @@ METHOD = "moco"
 
 
 # ---------------------------------------------------------------- views
+# MoCo v3's two colour recipes (each a Colour of the shared colour block, after train())
+MOCO_COLOURS = [dict(jitter=(0.4, 0.4, 0.2, 0.1), blur_p=1.0),                  # view 1: always blurred
+                dict(jitter=(0.4, 0.4, 0.2, 0.1), blur_p=0.1, solarize_p=0.2)]  # view 2: rarely blurred, solarised
+
+
+def train_transform(args):
+    """BYOL's asymmetric pair, as in MoCo v3 (main_moco.py): both views get a random resized crop
+    (0.08, 1) and a flip here, per image; on the device, colour jitter (0.4, 0.4, 0.2, 0.1) with p 0.8
+    and grayscale 0.2; view 1 is always blurred; view 2 is blurred with p 0.1 and solarised with p 0.2."""
+    crop = T.Compose([T.RandomResizedCrop(args.img_size, scale=(0.08, 1.0)), T.RandomHorizontalFlip(), T.PILToTensor()])
+    return CropViews(args.img_size, [crop, crop], [Colour(**c) for c in MOCO_COLOURS])
+
+
+def device_views(batch, args):
+    """The device side of MoCo v3's two views: each view's colour, then normalisation, on the whole batch."""
+    crops, params = batch
+    return [normalize(colour_augment(x, params[:, i], blur_kernel_size(args.img_size))) for i, x in enumerate(crops)]
+
+
+# ---------------------------------------------------------------- model
+# MoCo v3 head specifics: projection and prediction MLPs
+def mlp(num_layers, in_dim, mlp_dim, out_dim):
+    """moco/builder.py _build_mlp: hidden layers are Linear (no bias), BN, ReLU; the output layer is
+    Linear (no bias) then BN without affine. For ViT both heads end in that BN (last_bn=True)."""
+    layers = []
+    for i in range(num_layers):
+        d_in, d_out = (in_dim if i == 0 else mlp_dim), (out_dim if i == num_layers - 1 else mlp_dim)
+        layers.append(nn.Linear(d_in, d_out, bias=False))
+        if i < num_layers - 1:
+            layers += [GlobalBatchNorm1d(d_out), nn.ReLU(inplace=True)]
+        else:
+            layers.append(GlobalBatchNorm1d(d_out, affine=False))
+    return nn.Sequential(*layers)
+
+
+# MoCo v3 momentum encoder specifics
+def momentum_at(progress, m0):
+    """m = 1 - (1 - m0) (1 + cos(pi t / T)) / 2, t / T = progress: m0 at the start, 1 at the end."""
+    return 1 - (1 - m0) * (1 + math.cos(math.pi * progress)) / 2
+
+
+class MoCo(nn.Module):
+    def __init__(self, encoder, proj_dim=256, mlp_dim=4096, tau=0.2):
+        super().__init__()
+        self.tau = tau
+        # f_q: backbone + projector (3 layers) + predictor (2 layers)
+        self.encoder = encoder
+        self.projector = mlp(3, encoder.dim, mlp_dim, proj_dim)
+        self.predictor = mlp(2, proj_dim, mlp_dim, proj_dim)
+        # f_k: a momentum copy of backbone + projector (no predictor), never trained by gradients
+        self.momentum_encoder = copy.deepcopy(encoder)
+        self.momentum_projector = copy.deepcopy(self.projector)
+        for p in self.momentum_parameters():
+            p.requires_grad_(False)
+
+    def momentum_parameters(self):
+        return list(self.momentum_encoder.parameters()) + list(self.momentum_projector.parameters())
+
+    @torch.no_grad()
+    def momentum_update(self, m):
+        """Alg. 1: f_k.params = m * f_k.params + (1 - m) * f_q.params (parameters only, not BN
+        statistics), as two fused kernels over all tensors. Parameters the online model does not
+        train (the frozen patch embedding, the sin-cos table) are equal in both and are skipped, so
+        rounding cannot make them drift apart."""
+        pairs = [(t, o) for t, o in zip(self.momentum_parameters(),
+                                        list(self.encoder.parameters()) + list(self.projector.parameters()))
+                 if o.requires_grad]
+        target, online = [t for t, _ in pairs], [o for _, o in pairs]
+        torch._foreach_mul_(target, m)
+        torch._foreach_add_(target, online, alpha=1 - m)
+
+    def forward(self, x1, x2):
+        """Two views (B, 3, H, W) -> (loss, (q1, q2, k1, k2)). The momentum update comes first, in train_step."""
+        # 1. queries: backbone on both views in one batch, then projector and predictor per view
+        h1, h2 = self.encoder(torch.cat([x1, x2])).chunk(2)              # 2 x (B, D)
+        q1, q2 = self.predictor(self.projector(h1)), self.predictor(self.projector(h2))  # 2 x (B, proj_dim)
+
+        # 2. keys: the momentum encoder, no gradient
+        with torch.no_grad():
+            g1, g2 = self.momentum_encoder(torch.cat([x1, x2])).chunk(2)
+            k1, k2 = self.momentum_projector(g1), self.momentum_projector(g2)  # 2 x (B, proj_dim)
+
+        # 3. symmetrised InfoNCE: each query against the other view's keys
+        return moco_loss(q1, q2, k1, k2, self.tau), (q1, q2, k1, k2)
+
+
+def param_groups(model, weight_decay):
+    """The official MoCo v3 AdamW decays every parameter, norms and biases included (the other files
+    here exclude 1-D parameters). Frozen ones (patch embedding, momentum encoder) are left out."""
+    return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
+
+
+def encoders_to_save(model):
+    """Both encoders; evaluate.py uses the online (base) encoder by default, as the official code (REFERENCE §8)."""
+    return {"target_encoder": model.momentum_encoder.state_dict(), "default_encoder": "online"}
+
+
+# ---------------------------------------------------------------- loss
+def contrastive_loss(q, k, tau):
+    """Alg. 1 ctr(q, k) = 2 tau x CE(logits, labels), logits_ij = <q_i/|q_i|, k_j/|k_j|> / tau: query i's
+    positive is key i (the same image, other view), the other B - 1 keys are its negatives.
+    Why 2 tau (moco-v3 builder.py, issue #31): the gradient of CE with respect to a cosine carries a
+    1/tau; multiplying by tau cancels it, so the loss and gradient scale do not change with tau. The
+    2 is the official constant (with tau = 0.5 the factor is 1).
+    On many GPUs the keys of every GPU are gathered (official concat_all_gather, no gradient: they come
+    from the momentum encoder), so each query has the global batch's keys, and its positive sits at its
+    global index RANK x B + i."""
+    q, k = F.normalize(q.float(), dim=1), F.normalize(k.float(), dim=1)
+    k = all_gather(k)                                                    # (WORLD * B, d)
+    logits = q @ k.T / tau                                               # (B, WORLD * B)
+    labels = torch.arange(len(q), device=q.device) + RANK * len(q)       # positives: one's own key
+    return F.cross_entropy(logits, labels) * (2 * tau)
+
+
+def moco_loss(q1, q2, k1, k2, tau):
+    """Alg. 1: L = ctr(q1, k2) + ctr(q2, k1), symmetric and summed (not averaged)."""
+    return contrastive_loss(q1, k2, tau) + contrastive_loss(q2, k1, tau)
+
+
+# ---------------------------------------------------------------- the training step
+def lr_at(step, total_steps, warmup_steps, peak_lr, min_lr, start_lr=0.0):
+    """The lr schedule, per step: a linear warm-up from start_lr (0 unless a method says) to peak_lr, then a
+    half-cosine down to min_lr (MAE util/lr_sched.py; the recipes give each method's values)."""
+    if step < warmup_steps:
+        return start_lr + (peak_lr - start_lr) * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + (peak_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train_step(model, train_model, optimizer, views, lr, progress, args):
+    """One MoCo v3 step in Alg. 1's order: the momentum update of the key encoder (m from its cosine schedule),
+    queries and keys of both views, the symmetric InfoNCE loss, backward, the AdamW step at this step's lr.
+    train_model runs the forward (model itself, or its DDP / compiled wrapper); returns the loss and extra
+    metrics, as tensors (no sync)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    m = momentum_at(progress, args.momentum)
+    model.momentum_update(m)  # Alg. 1: the key encoder is updated before the keys are computed
+    with autocast(args):
+        loss, _ = train_model(*views)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), {"m": torch.tensor(m)}
+
+
+def build_model(args):
+    """The MoCo v3 of a run's settings (train() builds it so, and evaluate.py's pretext protocol from a checkpoint)."""
+    encoder = build_encoder(args)
+    if args.freeze_patch_embed:  # Sec. 4.2: a fixed random patch projection stabilises ViT training
+        encoder.patch_embed.requires_grad_(False)
+    return MoCo(encoder, args.proj_dim, args.mlp_dim, args.tau)
+
+
+@torch.no_grad()
+def pretext_metrics(model, views, args):
+    """MoCo v3's own task on images it did not train on (evaluate.py --protocols pretext): the loss of train_step,
+    and how often a query's positive key (its image's other view) is the most similar of the batch's keys."""
+    loss, (q1, q2, k1, k2) = model(*views)
+    def positive_first(q, k):
+        sims = F.normalize(q.float(), dim=1) @ F.normalize(k.float(), dim=1).T
+        return (sims.argmax(dim=1) == torch.arange(len(q), device=q.device)).float().mean()
+    return {"loss": loss, "positive_top1": (positive_first(q1, k2) + positive_first(q2, k1)) / 2}
+
+
+# ---------------------------------------------------------------- config
+@dataclass
+class Args:
+    # ==== SHARED fields: the same in every method file ====
+    data: str = "cifar10"
+    """'cifar10' (torchvision downloads it), 'fake' (1,000 synthetic images, for smoke runs) or a folder: PATH/train/<class>/*.jpg (ImageNet layout), PATH/<class>/*.jpg, or a flat folder of images"""
+    recipe: str = "auto"
+    """hyper-parameter preset, 'cifar10' or 'imagenet'; 'auto' picks imagenet when the images are 64 px or larger. Any flag you pass overrides the preset"""
+    model: str | None = None
+    """ViT size: tiny (192 wide, 12 deep, 3 heads), small (384/12/6), base (768/12/12), large (1024/24/16)"""
+    model_dims: str = ""
+    """a custom ViT as 'width,depth,heads' (e.g. 64,2,4 for smoke runs); overrides --model"""
+    img_size: int | None = None
+    """training resolution in pixels (recipe: 32 for CIFAR-10, 224 for ImageNet)"""
+    patch_size: int | None = None
+    """patch size in pixels; must divide img-size (recipe: 4 at 32 px, 16 at 224 px)"""
+    epochs: int | None = None
+    """passes over the training set"""
+    steps: int = 0
+    """total optimizer steps; if set, overrides --epochs and the schedule is compressed into these steps"""
+    batch_size: int | None = None
+    """images per step and GPU: the global batch is this times the number of GPUs (torchrun), and the lr rule uses it"""
+    blr: float | None = None
+    """base learning rate: the lr at batch 256. Effective lr = blr * batch-size / 256 (printed at start)"""
+    min_lr: float | None = None
+    """lr at the end of the cosine schedule (recipe: the official code's final lr, 0 for most methods)"""
+    weight_decay: float | None = None
+    """AdamW weight decay, not applied to biases and norm weights"""
+    warmup_epochs: float | None = None
+    """epochs of linear lr warm-up before the cosine decay (from 0, or from a method's official start lr)"""
+    seed: int = 0
+    """seeds every random draw: data order, augmentations, masks, initialisation"""
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    """'cuda' or 'cpu'"""
+    compile: bool | None = None
+    """torch.compile the model (auto: on with CUDA, off on CPU; the first steps are slow while it compiles)"""
+    amp: bool | None = None
+    """bf16 autocast (auto: on with CUDA, off on CPU); no grad scaler is needed with bf16"""
+    num_workers: int = min(8, os.cpu_count() or 1)
+    """data-loading processes; 0 loads in the main process"""
+    out_dir: str = "runs"
+    """each run writes to OUT_DIR/RUN_NAME: checkpoint.pt, log.jsonl, args.json, a copy of this file, pictures"""
+    run_name: str = ""
+    """run folder name (default: <method>-<data>-s<seed>-<date>-<time>); an existing folder is refused, continue it with --resume"""
+    resume: str = ""
+    """a checkpoint.pt (or its run folder) to continue; the run's own settings are kept (other flags given are named and ignored)"""
+    stop_after: int = 0
+    """end this process after this many steps, saving a checkpoint (the schedule still spans the whole run); continue with --resume"""
+    log_every: int = 50
+    """steps between log lines"""
+    knn_every: float = 1.0
+    """epochs between kNN accuracies in the log (also at step 0 and at the end): evaluate.py's kNN (k 20, T 0.07) of the encoder it evaluates, on --knn-train / --knn-val fixed images; 0 turns it off"""
+    knn_train: int = 5000
+    """training images of the kNN monitor (a fixed random subset, evaluate.py --max-train-images)"""
+    knn_val: int = 1000
+    """val images of the kNN monitor (a fixed random subset, evaluate.py --max-val-images)"""
+    save_minutes: float = 10.0
+    """minutes between checkpoints, so a hard kill (SIGKILL, a power cut) loses at most this much; one is also written at the end and on Ctrl-C, SIGTERM or SIGHUP (to the main process or its whole process group)"""
+    benchmark: bool = False
+    """measure training speed instead of training: img/s, TFLOP/s and MFU on synthetic data already on the device"""
+    benchmark_steps: int = 30
+    """timed steps for --benchmark (after 10 warm-up steps, which include compilation), or batches for --benchmark-data"""
+    benchmark_data: bool = False
+    """measure the input pipeline instead of training: img/s of the data loader with --num-workers workers (and per worker), then the device side of the views"""
+    peak_tflops: float = 0.0
+    """the device's peak TFLOP/s for MFU; 0 measures it with a large matmul in the training dtype"""
+    # ==== MoCo v3 specific ====
+    tau: float = 0.2
+    """softmax temperature of the InfoNCE loss (paper: 0.2 for ViT)"""
+    momentum: float | None = None
+    """key-encoder momentum at the start, raised to 1 by a half-cosine (paper: 0.99)"""
+    proj_dim: int | None = None
+    """output width of the projection and prediction MLPs (paper: 256)"""
+    mlp_dim: int | None = None
+    """hidden width of the projection and prediction MLPs (paper: 4096)"""
+    freeze_patch_embed: bool = True
+    """keep the random patch projection fixed (paper Sec. 4.2, official --stop-grad-conv1); --no-freeze-patch-embed trains it"""
+
+# Hyper-parameter presets. A field left at None above is filled from the recipe.
+RECIPES = {
+    # our small-data recipe (no official CIFAR-10 MoCo v3 exists)
+    "cifar10": dict(model="tiny", img_size=32, patch_size=4, epochs=200, batch_size=256, blr=1.5e-4,
+                    min_lr=0.0, weight_decay=0.1, warmup_epochs=10,
+                    momentum=0.99, proj_dim=256, mlp_dim=4096),
+    # the paper's ViT-S recipe (CONFIG.md: 300 epochs, 40 warm-up, wd 0.1), at batch 256 on one GPU
+    "imagenet": dict(model="small", img_size=224, patch_size=16, epochs=300, batch_size=256, blr=1.5e-4,
+                     min_lr=0.0, weight_decay=0.1, warmup_epochs=40,
+                     momentum=0.99, proj_dim=256, mlp_dim=4096),
+    # a laptop (picked by --recipe auto on the CPU): about 15 minutes on 2 cores, measured in README.md
+    "cpu": dict(model="128,4,4", img_size=32, patch_size=4, epochs=2, batch_size=128, blr=2e-3, min_lr=0.0,
+                weight_decay=0.1, warmup_epochs=0.2, momentum=0.99, proj_dim=256, mlp_dim=1024),
+}
+
+# The paper's values of the shared flags (--help shows them): the ViT recipe of CONFIG.md
+PAPER = dict(model="small or base (ViT-S/16, ViT-B/16)", img_size="224", patch_size="16", epochs="300",
+             batch_size="4096", blr="1.5e-4", min_lr="0", weight_decay="0.1", warmup_epochs="40")
+
+
+def check_args(args):
+    """The ranges of MoCo v3's own flags (apply_recipe checks the shared ones), before anything is written."""
+    require(args, "tau", args.tau > 0, "more than 0 (a temperature)")
+    require(args, "momentum", 0 <= args.momentum <= 1, "in [0, 1]")
+    for name in ("proj_dim", "mlp_dim"):
+        require(args, name, getattr(args, name) >= 1, "at least 1")
+
+
+# ---------------------------------------------------------------- train
+def train(args):
+    args, device, resumed = setup(args)  # --resume, the recipe, the seed, the device, torchrun
+    model = build_model(args).to(device)
+    lr = args.blr * args.batch_size * WORLD / 256  # the paper's linear scaling rule, on the global batch
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, fused=device.type == "cuda")
+    train_model = prepare(model, args, device, lr)  # DDP on many GPUs, torch.compile; checkpoints save `model`
+    if args.benchmark:
+        views = [torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device) for _ in range(2)]
+        return run_benchmark(args, device, lambda eager: train_step(model, model if eager else train_model,
+                                                                    optimizer, views, lr, 0.0, args))
+    run = Run(args, model, optimizer, train_transform(args), device)  # the data and the schedule's length
+    if args.benchmark_data:
+        return run_data_benchmark(args, run.loader, device, lambda batch: device_views(batch, args))
+    run.start(resumed)  # a new run folder, or the resumed run's weights, optimizer and RNG
+
+    for views in run.batches():
+        lr_now = lr_at(run.step, run.total_steps, run.warmup_steps, lr, args.min_lr)
+        loss, extras = train_step(model, train_model, optimizer, device_views(views, args), lr_now,
+                                  run.step / run.total_steps, args)
+        run.after_step(loss, lr_now, extras)  # log, and save every --save-minutes, at the end, on a signal
+    return run.ckpt_path
+
+
 # ==== SHARED: colour augmentation on the device, identical in every file with colour views ====
 # The data workers only decode, crop and flip (per image, in PIL) and draw each view's colour
 # parameters; the device then applies colour jitter, grayscale, blur and solarize to the whole batch
@@ -196,317 +476,34 @@ class CropViews:
 # ==== end SHARED ====
 
 
-# MoCo v3's views
-MOCO_COLOURS = [Colour(jitter=(0.4, 0.4, 0.2, 0.1), blur_p=1.0),                  # view 1: always blurred
-                Colour(jitter=(0.4, 0.4, 0.2, 0.1), blur_p=0.1, solarize_p=0.2)]  # view 2: rarely blurred, solarised
-
-
-def train_transform(args):
-    """BYOL's asymmetric pair, as in MoCo v3 (main_moco.py): both views get a random resized crop
-    (0.08, 1) and a flip here, per image; on the device, colour jitter (0.4, 0.4, 0.2, 0.1) with p 0.8
-    and grayscale 0.2; view 1 is always blurred; view 2 is blurred with p 0.1 and solarised with p 0.2."""
-    crop = T.Compose([T.RandomResizedCrop(args.img_size, scale=(0.08, 1.0)), T.RandomHorizontalFlip(), T.PILToTensor()])
-    return CropViews(args.img_size, [crop, crop], MOCO_COLOURS)
-
-
-def device_views(batch, args):
-    """The device side of MoCo v3's two views: each view's colour, then normalisation, on the whole batch."""
-    crops, params = batch
-    return [normalize(colour_augment(x, params[:, i], blur_kernel_size(args.img_size))) for i, x in enumerate(crops)]
-
-
-# ---------------------------------------------------------------- many GPUs: MoCo v3's part (README "Many GPUs")
-class AllReduceSum(torch.autograd.Function):
-    """x summed over all ranks. The backward pass sums the gradient over the ranks as well: every rank's loss
-    depends on the sum, so each rank's own x gets the gradient of all the ranks' losses."""
-
-    @staticmethod
-    def forward(ctx, x):
-        x = x.clone()
-        dist.all_reduce(x)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
-
-
-def all_reduce_sum(x):
-    """x summed over the ranks: a statistic of the global batch from this rank's part of it (differentiable,
-    see AllReduceSum)."""
-    return AllReduceSum.apply(x) if WORLD > 1 else x
-
-
-def all_gather(x):
-    """Every rank's rows of x in rank order, (B, ...) -> (WORLD * B, ...), without gradient (the official
-    concat_all_gather); this rank's rows are RANK * B to RANK * B + B - 1."""
-    if WORLD == 1:
-        return x
-    rows = [torch.empty_like(x) for _ in range(WORLD)]
-    dist.all_gather(rows, x.contiguous())
-    return torch.cat(rows)
-
-
-class GlobalBatchNorm1d(nn.BatchNorm1d):
-    """BatchNorm1d whose training statistics are those of all ranks' rows together (the official
-    SyncBatchNorm, written so that it also runs on the CPU); on one process, nn.BatchNorm1d."""
-
-    def forward(self, x):
-        if WORLD == 1 or not self.training:
-            return super().forward(x)
-        n, xf = x.shape[0] * WORLD, x.float()
-        mean = all_reduce_sum(xf.sum(dim=0)) / n
-        var = all_reduce_sum(((xf - mean) ** 2).sum(dim=0)) / n  # biased, as BatchNorm normalises
-        with torch.no_grad():  # the running statistics of one large batch (unbiased variance)
-            self.num_batches_tracked += 1
-            self.running_mean.lerp_(mean, self.momentum)
-            self.running_var.lerp_(var * n / (n - 1), self.momentum)
-        y = (xf - mean) / torch.sqrt(var + self.eps)
-        return (y * self.weight + self.bias if self.affine else y).to(x.dtype)
-
-
-# ---------------------------------------------------------------- model
-# MoCo v3 head specifics: projection and prediction MLPs
-def mlp(num_layers, in_dim, mlp_dim, out_dim):
-    """moco/builder.py _build_mlp: hidden layers are Linear (no bias), BN, ReLU; the output layer is
-    Linear (no bias) then BN without affine. For ViT both heads end in that BN (last_bn=True)."""
-    layers = []
-    for i in range(num_layers):
-        d_in, d_out = (in_dim if i == 0 else mlp_dim), (out_dim if i == num_layers - 1 else mlp_dim)
-        layers.append(nn.Linear(d_in, d_out, bias=False))
-        if i < num_layers - 1:
-            layers += [GlobalBatchNorm1d(d_out), nn.ReLU(inplace=True)]
-        else:
-            layers.append(GlobalBatchNorm1d(d_out, affine=False))
-    return nn.Sequential(*layers)
-
-
-# MoCo v3 momentum encoder specifics
-def momentum_at(progress, m0):
-    """m = 1 - (1 - m0) (1 + cos(pi t / T)) / 2, t / T = progress: m0 at the start, 1 at the end."""
-    return 1 - (1 - m0) * (1 + math.cos(math.pi * progress)) / 2
-
-
-class MoCo(nn.Module):
-    def __init__(self, encoder, proj_dim=256, mlp_dim=4096, tau=0.2):
-        super().__init__()
-        self.tau = tau
-        # f_q: backbone + projector (3 layers) + predictor (2 layers)
-        self.encoder = encoder
-        self.projector = mlp(3, encoder.dim, mlp_dim, proj_dim)
-        self.predictor = mlp(2, proj_dim, mlp_dim, proj_dim)
-        # f_k: a momentum copy of backbone + projector (no predictor), never trained by gradients
-        self.momentum_encoder = copy.deepcopy(encoder)
-        self.momentum_projector = copy.deepcopy(self.projector)
-        for p in self.momentum_parameters():
-            p.requires_grad_(False)
-
-    def momentum_parameters(self):
-        return list(self.momentum_encoder.parameters()) + list(self.momentum_projector.parameters())
-
-    @torch.no_grad()
-    def momentum_update(self, m):
-        """Alg. 1: f_k.params = m * f_k.params + (1 - m) * f_q.params (parameters only, not BN
-        statistics), as two fused kernels over all tensors. Parameters the online model does not
-        train (the frozen patch embedding, the sin-cos table) are equal in both and are skipped, so
-        rounding cannot make them drift apart."""
-        pairs = [(t, o) for t, o in zip(self.momentum_parameters(),
-                                        list(self.encoder.parameters()) + list(self.projector.parameters()))
-                 if o.requires_grad]
-        target, online = [t for t, _ in pairs], [o for _, o in pairs]
-        torch._foreach_mul_(target, m)
-        torch._foreach_add_(target, online, alpha=1 - m)
-
-    def forward(self, x1, x2):
-        """Two views (B, 3, H, W) -> (loss, q1). The momentum update comes first, in train_step."""
-        # 1. queries: backbone on both views in one batch, then projector and predictor per view
-        h1, h2 = self.encoder(torch.cat([x1, x2])).chunk(2)              # 2 x (B, D)
-        q1, q2 = self.predictor(self.projector(h1)), self.predictor(self.projector(h2))  # 2 x (B, proj_dim)
-
-        # 2. keys: the momentum encoder, no gradient
-        with torch.no_grad():
-            g1, g2 = self.momentum_encoder(torch.cat([x1, x2])).chunk(2)
-            k1, k2 = self.momentum_projector(g1), self.momentum_projector(g2)  # 2 x (B, proj_dim)
-
-        # 3. symmetrised InfoNCE: each query against the other view's keys
-        return moco_loss(q1, q2, k1, k2, self.tau), q1
-
-
-def param_groups(model, weight_decay):
-    """The official MoCo v3 AdamW decays every parameter, norms and biases included (the other files
-    here exclude 1-D parameters). Frozen ones (patch embedding, momentum encoder) are left out."""
-    return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
-
-
-def encoders_to_save(model):
-    """Both encoders; evaluate.py uses the online (base) encoder by default, as the official code (REFERENCE §8)."""
-    return {"target_encoder": model.momentum_encoder.state_dict(), "default_encoder": "online"}
-
-
-# ---------------------------------------------------------------- loss
-def contrastive_loss(q, k, tau):
-    """Alg. 1 ctr(q, k) = 2 tau x CE(logits, labels), logits_ij = <q_i/|q_i|, k_j/|k_j|> / tau: query i's
-    positive is key i (the same image, other view), the other B - 1 keys are its negatives.
-    Why 2 tau (moco-v3 builder.py, issue #31): the gradient of CE with respect to a cosine carries a
-    1/tau; multiplying by tau cancels it, so the loss and gradient scale do not change with tau. The
-    2 is the official constant (with tau = 0.5 the factor is 1).
-    On many GPUs the keys of every GPU are gathered (official concat_all_gather, no gradient: they come
-    from the momentum encoder), so each query has the global batch's keys, and its positive sits at its
-    global index RANK x B + i."""
-    q, k = F.normalize(q.float(), dim=1), F.normalize(k.float(), dim=1)
-    k = all_gather(k)                                                    # (WORLD * B, d)
-    logits = q @ k.T / tau                                               # (B, WORLD * B)
-    labels = torch.arange(len(q), device=q.device) + RANK * len(q)       # positives: one's own key
-    return F.cross_entropy(logits, labels) * (2 * tau)
-
-
-def moco_loss(q1, q2, k1, k2, tau):
-    """Alg. 1: L = ctr(q1, k2) + ctr(q2, k1), symmetric and summed (not averaged)."""
-    return contrastive_loss(q1, k2, tau) + contrastive_loss(q2, k1, tau)
-
-
-# ---------------------------------------------------------------- the training step
-def lr_at(step, total_steps, warmup_steps, peak_lr, min_lr, start_lr=0.0):
-    """The lr schedule, per step: a linear warm-up from start_lr (0 unless a method says) to peak_lr, then a
-    half-cosine down to min_lr (MAE util/lr_sched.py; the recipes give each method's values)."""
-    if step < warmup_steps:
-        return start_lr + (peak_lr - start_lr) * step / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return min_lr + (peak_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def train_step(model, train_model, optimizer, views, lr, progress, args):
-    """One MoCo v3 step in Alg. 1's order: the momentum update of the key encoder (m from its cosine schedule),
-    queries and keys of both views, the symmetric InfoNCE loss, backward, the AdamW step at this step's lr.
-    train_model runs the forward (model itself, or its DDP / compiled wrapper); returns the loss and extra
-    metrics, as tensors (no sync)."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    m = momentum_at(progress, args.momentum)
-    model.momentum_update(m)  # Alg. 1: the key encoder is updated before the keys are computed
-    with autocast(args):
-        loss, _ = train_model(*views)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach(), {"m": torch.tensor(m)}
-
-
-# ---------------------------------------------------------------- config
-@dataclass
-class Args:
-    # ==== SHARED fields: the same in every method file ====
-    data: str = "cifar10"
-    """'cifar10' (torchvision downloads it), 'fake' (1,000 synthetic images, for smoke runs) or a folder: PATH/train/<class>/*.jpg (ImageNet layout), PATH/<class>/*.jpg, or a flat folder of images"""
-    recipe: str = "auto"
-    """hyper-parameter preset, 'cifar10' or 'imagenet'; 'auto' picks imagenet when the images are 64 px or larger. Any flag you pass overrides the preset"""
-    model: str | None = None
-    """ViT size: tiny (192 wide, 12 deep, 3 heads), small (384/12/6), base (768/12/12), large (1024/24/16)"""
-    model_dims: str = ""
-    """a custom ViT as 'width,depth,heads' (e.g. 64,2,4 for smoke runs); overrides --model"""
-    img_size: int | None = None
-    """training resolution in pixels (recipe: 32 for CIFAR-10, 224 for ImageNet)"""
-    patch_size: int | None = None
-    """patch size in pixels; must divide img-size (recipe: 4 at 32 px, 16 at 224 px)"""
-    epochs: int | None = None
-    """passes over the training set (paper: 800 or 1600 on ImageNet)"""
-    steps: int = 0
-    """total optimizer steps; if set, overrides --epochs and the schedule is compressed into these steps"""
-    batch_size: int | None = None
-    """images per step and GPU: the global batch is this times the number of GPUs (torchrun), and the lr rule uses it (paper: 4096 over many GPUs)"""
-    blr: float | None = None
-    """base learning rate: the lr at batch 256. Effective lr = blr * batch-size / 256 (printed at start)"""
-    min_lr: float | None = None
-    """lr at the end of the cosine schedule (recipe: the official code's final lr, 0 for most methods)"""
-    weight_decay: float | None = None
-    """AdamW weight decay, not applied to biases and norm weights"""
-    warmup_epochs: float | None = None
-    """epochs of linear lr warm-up from 0 before the cosine decay"""
-    seed: int = 0
-    """seeds every random draw: data order, augmentations, masks, initialisation"""
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    """'cuda' or 'cpu'"""
-    compile: bool | None = None
-    """torch.compile the model (auto: on with CUDA, off on CPU; the first steps are slow while it compiles)"""
-    amp: bool | None = None
-    """bf16 autocast (auto: on with CUDA, off on CPU); no grad scaler is needed with bf16"""
-    num_workers: int = min(8, os.cpu_count() or 1)
-    """data-loading processes; 0 loads in the main process"""
-    out_dir: str = "runs"
-    """each run writes to OUT_DIR/RUN_NAME: checkpoint.pt, log.jsonl, args.json, a copy of this file, pictures"""
-    run_name: str = ""
-    """run folder name (default: <method>-<data>-s<seed>-<date>-<time>); an existing folder is refused, continue it with --resume"""
-    resume: str = ""
-    """a checkpoint.pt (or its run folder) to continue; the run's own settings are kept (other flags given are named and ignored)"""
-    stop_after: int = 0
-    """end this process after this many steps, saving a checkpoint (the schedule still spans the whole run); continue with --resume"""
-    log_every: int = 50
-    """steps between log lines"""
-    save_minutes: float = 10.0
-    """minutes between checkpoints, so a hard kill (SIGKILL, a power cut) loses at most this much; one is also written at the end and on Ctrl-C, SIGTERM or SIGHUP (to the main process or its whole process group)"""
-    benchmark: bool = False
-    """measure training speed instead of training: img/s, TFLOP/s and MFU on synthetic data already on the device"""
-    benchmark_steps: int = 30
-    """timed steps for --benchmark (after 10 warm-up steps, which include compilation), or batches for --benchmark-data"""
-    benchmark_data: bool = False
-    """measure the input pipeline instead of training: img/s of the data loader with --num-workers workers (and per worker), then the device side of the views"""
-    peak_tflops: float = 0.0
-    """the device's peak TFLOP/s for MFU; 0 measures it with a large matmul in the training dtype"""
-    # ==== MoCo v3 specific ====
-    tau: float = 0.2
-    """softmax temperature of the InfoNCE loss (paper: 0.2 for ViT)"""
-    momentum: float = 0.99
-    """key-encoder momentum at the start, raised to 1 by a half-cosine (paper: 0.99)"""
-    proj_dim: int = 256
-    """output width of the projection and prediction MLPs (paper: 256)"""
-    mlp_dim: int = 4096
-    """hidden width of the projection and prediction MLPs (paper: 4096)"""
-    freeze_patch_embed: bool = True
-    """keep the random patch projection fixed (paper Sec. 4.2, official --stop-grad-conv1); --no-freeze-patch-embed trains it"""
-
-# Hyper-parameter presets. A field left at None above is filled from the recipe.
-RECIPES = {
-    # our small-data recipe (no official CIFAR-10 MoCo v3 exists)
-    "cifar10": dict(model="tiny", img_size=32, patch_size=4, epochs=200, batch_size=256, blr=1.5e-4,
-                    min_lr=0.0, weight_decay=0.1, warmup_epochs=10),
-    # the paper's ViT-S recipe (CONFIG.md: 300 epochs, 40 warm-up, wd 0.1), at batch 256 on one GPU
-    "imagenet": dict(model="small", img_size=224, patch_size=16, epochs=300, batch_size=256, blr=1.5e-4,
-                     min_lr=0.0, weight_decay=0.1, warmup_epochs=40),
-}
-
-
-# ---------------------------------------------------------------- train
-def train(args):
-    args, device, resumed = setup(args)  # --resume, the recipe, the seed, the device, torchrun
-    encoder = build_encoder(args)
-    if args.freeze_patch_embed:  # Sec. 4.2: a fixed random patch projection stabilises ViT training
-        encoder.patch_embed.requires_grad_(False)
-    model = MoCo(encoder, args.proj_dim, args.mlp_dim, args.tau).to(device)
-    lr = args.blr * args.batch_size * WORLD / 256  # the paper's linear scaling rule, on the global batch
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, fused=device.type == "cuda")
-    train_model = prepare(model, args, device, lr)  # DDP on many GPUs, torch.compile; checkpoints save `model`
-    if args.benchmark:
-        views = [torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device) for _ in range(2)]
-        return run_benchmark(args, device, lambda eager: train_step(model, model if eager else train_model,
-                                                                    optimizer, views, lr, 0.0, args))
-    run = Run(args, model, optimizer, train_transform(args), device)  # the data and the schedule's length
-    if args.benchmark_data:
-        return run_data_benchmark(args, run.loader, device, lambda batch: device_views(batch, args))
-    run.start(resumed)  # a new run folder, or the resumed run's weights, optimizer and RNG
-
-    for views in run.batches():
-        lr_now = lr_at(run.step, run.total_steps, run.warmup_steps, lr, args.min_lr)
-        loss, extras = train_step(model, train_model, optimizer, device_views(views, args), lr_now,
-                                  run.step / run.total_steps, args)
-        run.after_step(loss, lr_now, extras)  # log, and save every --save-minutes, at the end, on a signal
-    return run.ckpt_path
-
-
 # ==== SHARED: machinery, identical in every method file (tests/test_shared_blocks.py); the method ends above ====
 # What no method does differently: flags, data, torchrun, the run around train() (resume, run folder, log,
 # checkpoints, signals), benchmarks, the entry point. Sections marked "also in evaluate.py" are there too.
+
+# The machinery's own imports: here, not at the top, so that the file opens on the method (Python has run
+# them before any function is called; a few repeat one of the method's).
+import argparse
+import ast
+import atexit
+import dataclasses
+import inspect
+import itertools
+import json
+import math
+import multiprocessing
+import pathlib
+import re
+import shutil
+import signal
+import sys
+import time
+import types
+import typing
+
+import torch.distributed as dist
+import torch.nn as nn
+import torchvision
+import torchvision.transforms as T
 
 # ---- argument parsing (also in evaluate.py) ----
 def parse_args(argv=None):
@@ -520,7 +517,8 @@ def parse_args(argv=None):
         if typing.get_origin(kind) in (typing.Union, types.UnionType):  # "int | None" -> int
             kind = next(t for t in typing.get_args(kind) if t is not type(None))
         default = f.default if f.default is not None else "auto" if kind is bool else "from the recipe"
-        options = dict(default=f.default, help=f"{helps.get(f.name, '')} (default: {default})".replace("%", "%%"))
+        paper = f" (paper: {PAPER[f.name]})" if f.name in PAPER else ""  # the method's published value
+        options = dict(default=f.default, help=f"{helps.get(f.name, '')}{paper} (default: {default})".replace("%", "%%"))
         if kind is bool:
             options.update(action=argparse.BooleanOptionalAction)
         elif typing.get_origin(kind) is tuple:  # "tuple[str, ...]" -> one or more values
@@ -554,13 +552,16 @@ def check_folder(root):
     if not os.path.isdir(root):
         raise DataError(f"data folder {root!r} does not exist (--data takes 'cifar10', 'fake' or a folder)")
 
-def walk_images(top):
-    """(folder, sorted image names) under top, sorted, without hidden files; a folder linked twice is read once."""
-    seen = set()
+def walk_images(top, seen=None, avoid=()):
+    """(folder, sorted image names) under top, sorted, without hidden files. Through symbolic links a folder is read
+    once (seen: the real paths read so far, shared by the caller), and the folders in avoid (the data root, the other
+    classes) and their parents are not entered, so that a link cannot label another class's images as this one's."""
+    seen = set() if seen is None else seen
     for folder, dirs, files in os.walk(top, followlinks=True):
         real = os.path.realpath(folder)
-        dirs[:] = [] if real in seen else sorted(d for d in dirs if not d.startswith("."))
-        if real not in seen:
+        skip = real in seen or any(a == real or a.startswith(real + os.sep) for a in avoid)
+        dirs[:] = [] if skip else sorted(d for d in dirs if not d.startswith("."))
+        if not skip:
             seen.add(real)
             yield folder, sorted(f for f in files if not f.startswith(".") and f.lower().endswith(IMAGE_EXTS))
 
@@ -568,8 +569,12 @@ def find_images(root):
     """(path, label) pairs and class names for a folder of class folders, or a flat folder (label -1)."""
     check_folder(root)
     classes = sorted(d for d in os.listdir(root) if not d.startswith(".") and os.path.isdir(os.path.join(root, d)))
-    samples = [(os.path.join(folder, f), label) for label, name in enumerate(classes)
-               for folder, files in sorted(walk_images(os.path.join(root, name))) for f in files]
+    tops = [os.path.realpath(p) for p in [root] + [os.path.join(root, name) for name in classes]]
+    seen, samples = set(), []
+    for label, name in enumerate(classes):
+        others = [t for t in tops if t != tops[1 + label]]
+        samples += [(os.path.join(folder, f), label) for folder, files in
+                    sorted(walk_images(os.path.join(root, name), seen, others)) for f in files]
     if not classes:  # a flat folder of unlabelled images
         samples = [(os.path.join(root, f), -1) for f in next(walk_images(root))[1]]
     if not samples:
@@ -624,9 +629,15 @@ def build_dataset(data, split="train", img_size=32):
         return FakeImages(1000 if split == "train" else 200, size=img_size)
     if data == "cifar10":
         root = os.environ.get("CIFAR10_ROOT", os.path.join("data", "cifar10-torchvision"))
+        existed = os.path.isdir(root)
         try:
             return torchvision.datasets.CIFAR10(root, train=(split == "train"), download=True)
         except Exception as e:
+            if not existed:  # no empty folder left behind
+                try:
+                    os.removedirs(root)
+                except OSError:
+                    pass
             raise DataError(f"could not download CIFAR-10 into {root} ({type(e).__name__}: {e}); without a "
                             "network, pass --data PATH to a folder of images, e.g. CIFAR-10 as JPEGs") from None
     for name in ["train"] if split == "train" else ["val", "test"]:  # ImageNet layout: train/ and val/ (or test/)
@@ -653,11 +664,12 @@ def peek_image_sides(data, count=16):
         raise DataError(f"no images ({', '.join(IMAGE_EXTS)}) found in {data!r}")
     return sides
 
-def eval_transform(img_size):
-    """Centre crop: resize to img_size / 0.875, crop (224 -> 256 -> 224); small images are only resized."""
+def eval_transform(img_size, uint8=False, interpolation=T.InterpolationMode.BICUBIC):
+    """Centre crop: resize to img_size / 0.875, crop (224 -> 256 -> 224); small images are only resized. A normalised
+    float tensor, or with uint8 the crop's bytes (normalize(x.float() / 255) then gives the same floats)."""
     resize = round(img_size / 0.875) if img_size >= 96 else img_size
-    return T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(img_size),
-                      T.ToTensor(), T.Normalize(MEAN, STD)])
+    crop = [T.Resize(resize, interpolation=interpolation), T.CenterCrop(img_size)]
+    return T.Compose(crop + ([T.PILToTensor()] if uint8 else [T.ToTensor(), T.Normalize(MEAN, STD)]))
 
 class Augmented(torch.utils.data.Dataset):
     """base[index] through transform under the sample's seed from EpochSampler: every augmentation is a function
@@ -710,7 +722,8 @@ def end_workers():
     for worker in multiprocessing.active_children():
         worker.kill()
 
-# ---- many GPUs (torchrun): the set-up; what a method does with a split batch is part of the method ----
+# ---- many GPUs (torchrun): the set-up, and the helpers a method calls on its split batch ----
+# What each method does with them is in its own code; its docstring's "Many GPUs" list says where.
 RANK, WORLD = 0, 1  # this process's rank and the number of processes: (0, 1) without torchrun
 
 def init_distributed(device):
@@ -744,6 +757,58 @@ def sync_stop(stop, device):
         if flag.item() and not stop:
             stop.append("another rank")
 
+class AllReduceSum(torch.autograd.Function):
+    """x summed over all ranks. The backward pass sums the gradient over the ranks as well: every rank's loss
+    depends on the sum, so each rank's own x gets the gradient of all the ranks' losses."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+def all_reduce_sum(x):
+    """x summed over the ranks: a statistic of the global batch from this rank's part of it (differentiable,
+    see AllReduceSum)."""
+    return AllReduceSum.apply(x) if WORLD > 1 else x
+
+def all_gather(x):
+    """Every rank's rows of x in rank order, (B, ...) -> (WORLD * B, ...), without gradient (the official
+    concat_all_gather); this rank's rows are RANK * B to RANK * B + B - 1."""
+    if WORLD == 1:
+        return x
+    rows = [torch.empty_like(x) for _ in range(WORLD)]
+    dist.all_gather(rows, x.contiguous())
+    return torch.cat(rows)
+
+def global_rand(batch, *shape, device=None):
+    """Uniform noise (for masks) for this rank's rows: every rank draws the global batch's noise and keeps
+    its own rows, so a sample's mask does not depend on the number of GPUs."""
+    return torch.rand(batch * WORLD, *shape, device=device)[RANK * batch:(RANK + 1) * batch]
+
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics are those of all ranks' rows together (the official
+    SyncBatchNorm, written so that it also runs on the CPU); on one process, nn.BatchNorm1d."""
+
+    def forward(self, x):
+        if WORLD == 1 or not self.training:
+            return super().forward(x)
+        n, xf = x.shape[0] * WORLD, x.float()
+        mean = all_reduce_sum(xf.sum(dim=0)) / n
+        var = all_reduce_sum(((xf - mean) ** 2).sum(dim=0)) / n  # biased, as BatchNorm normalises
+        with torch.no_grad():  # the running statistics of one large batch (unbiased variance)
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * n / (n - 1), self.momentum)
+        y = (xf - mean) / torch.sqrt(var + self.eps)
+        return (y * self.weight + self.bias if self.affine else y).to(x.dtype)
+
 # ---- the run around train(): set-up, recipe, schedule, resume, log, checkpoints, signals ----
 def setup(args):
     """Before the model: --resume (the run keeps its own settings), the recipe, the seed, the device, torchrun,
@@ -751,12 +816,19 @@ def setup(args):
     resumed = None
     if args.resume:  # only these flags may change on resume
         resumed, path = load_checkpoint(args.resume)
-        keep = {k: getattr(args, k) for k in ("device", "compile", "amp", "num_workers", "stop_after", "log_every", "save_minutes")}
-        ignored = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(Args) if f.name not in keep and
-                   f.name != "resume" and getattr(args, f.name) not in (f.default, resumed["args"].get(f.name))]
+        defaults = {f.name: f.default for f in dataclasses.fields(Args)}
+        keep = {k: getattr(args, k) for k in ("device", "compile", "amp", "num_workers", "stop_after")}  # this machine's
+        keep.update({k: getattr(args, k) for k in ("log_every", "save_minutes", "knn_every")  # the run's own unless given
+                     if getattr(args, k) != defaults[k]})
+        ignored = [f"--{name.replace('_', '-')}" for name, default in defaults.items() if name not in keep and
+                   name != "resume" and getattr(args, name) not in (default, resumed["args"].get(name))]
         if ignored:
             print(f"warning: --resume continues the run with its own settings; ignored: {', '.join(ignored)}")
         args = Args(**{**resumed["args"], **keep, "resume": path})
+        if resumed.get("fresh"):  # a folder whose run stopped before its first checkpoint: start it again, there
+            print(f"note: {os.path.dirname(path)} holds no checkpoint (its run stopped before the first save): "
+                  "starting that run afresh in it", flush=True)
+            resumed = None
     args.recipe = apply_recipe(args)
     torch.manual_seed(args.seed)  # CPU runs are bit-exact; GPU kernels and torch.compile may differ slightly
     if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
@@ -765,6 +837,15 @@ def setup(args):
         raise DataError("--device cuda was asked for but no GPU is visible; use --device cpu")
     device = init_distributed(torch.device(args.device))  # under torchrun: this rank's GPU
     args.amp, args.compile = (device.type == "cuda" if v is None else v for v in (args.amp, args.compile))
+    before = resumed.get("world_size", 1) if resumed else WORLD
+    if before != WORLD:  # keep the run's global batch, and so its lr and the order of its samples
+        global_batch = args.batch_size * before
+        if global_batch % WORLD:
+            raise DataError(f"this run trained on {before} processes with a global batch of {global_batch}, which "
+                            f"{WORLD} processes cannot split evenly: resume it with torchrun --nproc_per_node {before}")
+        args.batch_size = global_batch // WORLD
+        print(f"note: the run trained on {before} process(es); on {WORLD} each takes {args.batch_size} images, so the "
+              f"global batch stays {global_batch}")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return args, device, resumed
 
@@ -772,6 +853,10 @@ def apply_recipe(args):
     """Fill the fields left at None from the recipe, check the values, return the recipe's name. 'auto' looks
     at the median short side of several images, so that one odd image does not decide."""
     recipe = args.recipe
+    if recipe == "auto" and args.device == "cpu" and "cpu" in RECIPES:
+        recipe = "cpu"  # a laptop: a small model and schedule, whatever the images' size
+        print("recipe auto: no GPU -> cpu (a small ViT at 32 px that learns in about 15 min on 2 cores; "
+              "--recipe cifar10 or imagenet for the GPU recipes)")
     if recipe == "auto":
         sides = sorted(peek_image_sides(args.data))
         recipe = "imagenet" if sides[len(sides) // 2] >= 64 else "cifar10"
@@ -786,10 +871,17 @@ def apply_recipe(args):
     for name in ("img_size", "patch_size", "batch_size", "epochs", "blr", "log_every", "benchmark_steps"):
         if getattr(args, name) <= 0:
             raise DataError(f"--{name.replace('_', '-')} must be more than 0, not {getattr(args, name)}")
-    for name in ("steps", "stop_after", "num_workers", "min_lr", "weight_decay", "warmup_epochs", "save_minutes"):
+    for name in ("steps", "stop_after", "num_workers", "min_lr", "weight_decay", "warmup_epochs", "save_minutes",
+                 "knn_every", "knn_train", "knn_val"):
         if getattr(args, name) < 0:
             raise DataError(f"--{name.replace('_', '-')} must be 0 or more, not {getattr(args, name)}")
+    check_args(args)  # the method's own flags
     return recipe
+
+def require(args, name, ok, rule):
+    """One line naming the flag when a setting is out of its range, before anything is written."""
+    if not ok:
+        raise DataError(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range: it must be {rule}")
 
 def build_encoder(args, **kwargs):
     """The ViT of --model-dims (width,depth,heads) or --model, at --img-size and --patch-size."""
@@ -849,6 +941,7 @@ class Run:
         self.warmup_capped = warmup > self.total_steps // 2  # e.g. --epochs 5 with a 10-epoch warm-up: the lr
         self.warmup_steps = min(warmup, self.total_steps // 2)  # would never peak
         self.step, self.stop, self.losses = 0, [], []
+        self.seconds_before, self.knn = 0.0, None  # training time of the process(es) before a --resume
 
     def start(self, resumed=None):
         """The resumed run's weights, optimizer, RNG and folder, or a new folder; then the signals and the log."""
@@ -859,7 +952,7 @@ class Run:
             torch.set_rng_state(resumed["rng"]["torch"])
             if self.device.type == "cuda" and resumed["rng"].get("cuda") is not None:
                 torch.cuda.set_rng_state(resumed["rng"]["cuda"], self.device)
-            self.step = resumed["step"]
+            self.step, self.seconds_before = resumed["step"], resumed.get("efficiency", {}).get("seconds", 0.0)
             print(f"resumed from {args.resume} at step {self.step}")
             if resumed.get("num_images", len(self.dataset)) != len(self.dataset):
                 print(f"warning: {args.data} now has {len(self.dataset)} images, the run started with "
@@ -869,15 +962,32 @@ class Run:
             dist.broadcast_object_list(run_dir)
         self.dir, self.ckpt_path = run_dir[0], os.path.join(run_dir[0], "checkpoint.pt")
         if RANK == 0:  # the settings and the code that produced this run
-            pathlib.Path(self.dir, "args.json").write_text(json.dumps(dict(dataclasses.asdict(args), world_size=WORLD), indent=1))
-            shutil.copyfile(__file__, os.path.join(self.dir, f"{METHOD}.py"))
+            try:
+                pathlib.Path(self.dir, "args.json").write_text(json.dumps(dict(dataclasses.asdict(args), world_size=WORLD), indent=1))
+                shutil.copyfile(__file__, os.path.join(self.dir, f"{METHOD}.py"))
+            except OSError as e:
+                if not args.resume:  # a new folder that holds nothing yet
+                    shutil.rmtree(self.dir, ignore_errors=True)
+                raise DataError(f"cannot write to run folder {self.dir}: {os.strerror(e.errno) if e.errno else e}"
+                                f"{' (disk full?)' if e.errno == 28 else ''}; nothing was trained") from None
         print(f"{len(self.dataset)} images | {self.steps_per_epoch} steps/epoch | {self.total_steps} steps "
-              f"({self.total_steps / self.steps_per_epoch:.1f} epochs, warm-up {self.warmup_steps}"
+              f"({self.total_steps / self.steps_per_epoch:.1f} epochs, warm-up {self.warmup_steps} steps"
               f"{' = half the run' if self.warmup_capped else ''}) | writing to {self.dir}")
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, self.request_stop)
         self.end_step = min(self.total_steps, self.step + args.stop_after) if args.stop_after else self.total_steps
-        self.logger, self.last_save = Logger(self.dir, self.total_steps, self.global_batch, self.step), time.monotonic()
+        self.logger = Logger(self.dir, self.total_steps, self.global_batch, self.step, compiling=args.compile)
+        self.last_save = time.monotonic()
+        self.started = time.monotonic()
+        if args.knn_every:
+            with torch.random.fork_rng(devices=[]):  # its loader draws a seed: not from the run's RNG
+                self.knn = KnnMonitor.build(args, self.device)
+            if self.knn and not resumed:
+                self.monitor()  # the untrained encoder: the baseline every later value is read against
+
+    def seconds(self):
+        """Wall-clock seconds of training so far, over every process of the run (--resume adds up)."""
+        return self.seconds_before + time.monotonic() - self.started
 
     def request_stop(self, signum, frame):  # finish the step, save, exit
         self.stop.append(signum)
@@ -914,23 +1024,49 @@ class Run:
         if self.step % self.args.log_every == 0 or self.step == self.end_step:
             mean_loss = check_finite(self.losses, self.step - len(self.losses) + 1)
             self.logger.log(self.step, (self.step - 1) // self.steps_per_epoch, mean_loss, lr,
-                            {k: rank_mean(v).item() for k, v in extras.items()})
+                            {k: rank_mean(v).item() for k, v in extras.items()}, self.seconds())
             self.losses = []
+        every = max(1, round(self.args.knn_every * self.steps_per_epoch))
+        if self.knn and (self.step % every == 0 or self.step == self.total_steps):
+            self.monitor()
         if time.monotonic() - self.last_save > 60 * self.args.save_minutes or self.step == self.end_step or self.stop:
             self.save()
+
+    def monitor(self):
+        """kNN top-1 of the encoder evaluate.py uses by default, logged; its time is left out of img/s and ETA."""
+        t = time.perf_counter()
+        with torch.random.fork_rng(devices=[]):  # a fresh ViT's init must not move the run's RNG (resume is exact)
+            acc = self.knn.accuracy(encoders_to_save(self.model), self.model.encoder)
+        self.logger.log_knn(self.step, self.step // self.steps_per_epoch, acc, time.perf_counter() - t, self.seconds(), self.knn)
+        self.logger.t0 += time.perf_counter() - t  # the kNN and the plot (curves.png)
 
     def save(self):  # rank 0 writes; every rank holds the same weights
         if RANK == 0:
             names = {id(p): name for name, p in self.model.named_parameters()}  # what the optimizer's indices are
             save_checkpoint(self.ckpt_path, {
                 "method": METHOD, "args": dataclasses.asdict(self.args), "step": self.step, "num_images": len(self.dataset),
+                "world_size": WORLD,
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "optimizer_param_names": [[names[id(p)] for p in g["params"]] for g in self.optimizer.param_groups],
                 "rng": {"torch": torch.get_rng_state(),
                         "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},
                 "encoder": self.model.encoder.state_dict(), "encoder_config": self.model.encoder.config,
-                **encoders_to_save(self.model)})
+                **encoders_to_save(self.model), "efficiency": self.efficiency()})
         self.last_save = time.monotonic()
+
+    def efficiency(self):
+        """What the run cost so far: wall-clock, device-hours, steps, images, img/s and peak memory."""
+        seconds = self.seconds()
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+        else:  # the process's peak resident memory (Linux reports KiB, macOS bytes)
+            import resource
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**30 if sys.platform == "darwin" else 2**20)
+        return {"seconds": seconds, "device_hours": seconds * WORLD / 3600, "devices": WORLD,
+                "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU",
+                "steps": self.step, "images_seen": self.step * self.global_batch,
+                "img_per_s": self.step * self.global_batch / max(seconds, 1e-9),
+                "peak_memory_gib": peak, "peak_memory_of": "GPU (allocated)" if self.device.type == "cuda" else "process (RSS)"}
 
 def save_checkpoint(path, state):
     """Write, then rename: a kill mid-save, NaN weights or a full disk leave the previous checkpoint in place."""
@@ -949,6 +1085,11 @@ def save_checkpoint(path, state):
 
 def load_checkpoint(path):
     path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
+    settings = os.path.join(os.path.dirname(path), "args.json")
+    if not os.path.isfile(path) and os.path.isfile(settings):  # the run was stopped before its first checkpoint
+        saved = json.loads(pathlib.Path(settings).read_text())
+        saved.pop("world_size", None)
+        return {"fresh": True, "args": saved, "method": METHOD}, path
     if not os.path.isfile(path):
         raise DataError(f"checkpoint {path!r} does not exist")
     try:
@@ -981,26 +1122,39 @@ def make_run_dir(args):
 
 class Logger:
     """A fixed-format line every --log-every steps, and the same values as JSON lines in log.jsonl."""
-    def __init__(self, run_dir, total_steps, batch_size, start_step):
+    def __init__(self, run_dir, total_steps, batch_size, start_step, compiling=False):
         self.path, self.total, self.batch = os.path.join(run_dir, "log.jsonl"), total_steps, batch_size
+        self.compiling = compiling  # the first window includes torch.compile's start-up: no ETA from it
         self.t0, self.step0, self.waited = time.perf_counter(), start_step, 0.0  # waited: for data, in this window
         if RANK == 0 and os.path.exists(self.path):  # a resumed run: drop what was logged after its checkpoint
             lines = pathlib.Path(self.path).read_text().splitlines(keepends=True)
             pathlib.Path(self.path).write_text("".join(l for l in lines if l.endswith("}\n") and json.loads(l)["step"] <= start_step))
 
-    def log(self, step, epoch, loss, lr, extras):
+    def log(self, step, epoch, loss, lr, extras, seconds):
         now = time.perf_counter()
         ips = (step - self.step0) * self.batch / (now - self.t0)
         eta = (self.total - step) * self.batch / ips if ips > 0 else float("nan")
         wait = self.waited / (now - self.t0)  # the share of wall time spent waiting for data
         self.t0, self.step0, self.waited = now, step, 0.0
         eta_text = "--:--" if math.isnan(eta) else f"{int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}"
+        if self.compiling:
+            eta_text, self.compiling = "--:-- (compiling)", False
         print(f"step {step:>7d}/{self.total} | epoch {epoch:>3d} | loss {loss:.4f} | lr {lr:.2e} | {ips:>6.0f} img/s | "
               f"ETA {eta_text} | data wait {100 * wait:.0f}%" + "".join(f" | {k} {v:.4g}" for k, v in extras.items()), flush=True)
         if RANK == 0:
             with open(self.path, "a") as f:
                 f.write(json.dumps({"step": step, "epoch": epoch, "train/loss": loss, "train/lr": lr, "train/img_per_s": ips,
-                                    "train/data_wait": wait, **{f"train/{k}": v for k, v in extras.items()}}) + "\n")
+                                    "train/data_wait": wait, **{f"train/{k}": v for k, v in extras.items()},
+                                    "minutes": seconds / 60}) + "\n")
+
+    def log_knn(self, step, epoch, acc, seconds, run_seconds, knn):
+        print(f"knn  {step:>7d}/{self.total} | epoch {epoch:>3d} | kNN top-1 {acc:.2f}% ({knn.describe()}) | "
+              f"{seconds:.1f} s", flush=True)
+        if RANK == 0:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, "epoch": epoch, "knn": acc, "knn/seconds": seconds,
+                                    "minutes": run_seconds / 60}) + "\n")
+            plot_curves(self.path)
 
 def check_finite(losses, first_step):
     """The window's mean loss (over all ranks); stops at the first step whose loss is not finite."""
@@ -1010,6 +1164,122 @@ def check_finite(losses, first_step):
         raise DataError(f"loss is {values[bad[0]].item()} at step {first_step + int(bad[0])}: training diverged; "
                         "try a lower --blr or a longer warm-up")
     return values.mean().item()
+
+# ---- kNN monitor: are the features getting better? (the vote is evaluate.py's knn_predict, word for word) ----
+class KnnMonitor:
+    """kNN top-1 (k 20, T 0.07) of the encoder evaluate.py uses by default, on fixed random subsets of the train
+    and val splits (seed 0, evaluate.py's --max-train-images / --max-val-images), centre crops decoded once.
+    Each rank embeds every WORLD-th image and the features are gathered: one answer, whatever the GPU count."""
+    def __init__(self, args, device, train, val, labels):
+        self.args, self.device, self.sizes = args, device, (len(train), len(val))
+        self.images = {}
+        for split, ds in (("train", train), ("val", val)):
+            mine = torch.utils.data.Subset(ds, list(range(RANK, len(ds), WORLD)))
+            loader = torch.utils.data.DataLoader(mine, batch_size=256, num_workers=min(args.num_workers, 4))
+            self.images[split] = torch.cat([x for x, _ in loader]) if len(mine) else None
+        self.labels = labels  # (train labels, val labels) of the whole subsets
+
+    @classmethod
+    def build(cls, args, device):
+        """The monitor, or None (with a note) when the data has no labels or no val split."""
+        try:
+            train, val = build_dataset(args.data, "train", args.img_size), build_dataset(args.data, "val", args.img_size)
+        except DataError as e:
+            return print(f"kNN monitor off: {error_line(e)}")
+        if isinstance(train, ImageFiles) and (not train.classes or set(val.classes) - set(train.classes)):
+            return print("kNN monitor off: the data has no class folders, or val/ has classes that train/ lacks")
+        subsets, labels = [], []
+        for ds, n in ((train, args.knn_train), (val, args.knn_val)):
+            keep = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:n].tolist()
+            subsets.append(torch.utils.data.Subset(Augmented(ds, eval_transform(args.img_size, uint8=True)), keep))
+            y = [ds.samples[i][1] for i in keep] if isinstance(ds, ImageFiles) else [int(ds[i][1]) for i in keep]
+            if isinstance(ds, ImageFiles) and ds is val:  # val's classes matched to train's by folder name
+                y = [train.classes.index(val.classes[label]) for label in y]
+            labels.append(torch.tensor(y))
+        return cls(args, device, *subsets, labels)
+
+    def describe(self):
+        return f"k=20, {self.sizes[0]} train / {self.sizes[1]} val images"
+
+    @torch.no_grad()
+    def features(self, encoder, split):
+        """The CLS features of this split's subset, all ranks' rows gathered back into subset order."""
+        n, mine = self.sizes[split == "val"], self.images[split]
+        feats = torch.cat([encoder(normalize(mine[i:i + 256].to(self.device).float() / 255)).float()
+                           for i in range(0, len(mine), 256)]) if mine is not None else None
+        if WORLD == 1:
+            return feats.cpu()
+        rows = -(-n // WORLD)  # ranks hold ceil or floor of n / WORLD rows: pad to the larger
+        padded = torch.zeros(rows, encoder.dim, device=self.device)
+        if feats is not None:
+            padded[:len(feats)] = feats
+        parts = [torch.empty_like(padded) for _ in range(WORLD)]
+        dist.all_gather(parts, padded)
+        return torch.stack(parts, dim=1).reshape(rows * WORLD, -1)[:n].cpu()  # row j of rank r is image j*WORLD + r
+
+    def accuracy(self, saved, online):
+        """saved: the method's encoders_to_save(); online: its encoder (for the shape and the online weights)."""
+        encoder = ViT(**online.config).to(self.device)
+        encoder.load_state_dict(saved["target_encoder"] if saved["default_encoder"] == "target" else online.state_dict())
+        encoder.eval()
+        with autocast(self.args):
+            train_f, val_f = self.features(encoder, "train"), self.features(encoder, "val")
+        train_y, val_y = self.labels
+        preds = knn_predict(train_f, train_y, val_f, 20, 0.07, int(max(train_y.max(), val_y.max())) + 1)
+        return 100.0 * (preds == val_y).float().mean().item()
+
+@torch.no_grad()
+def knn_predict(train_f, train_y, test_f, k=20, T=0.07, num_classes=None, chunk=512):
+    """Weighted kNN (Wu et al. 2018; DINO eval_knn): among the k training features most cosine-similar
+    to a test feature, class c scores sum_{i in top-k, y_i = c} exp(s_i / T); predict the argmax.
+    Returns (N_test,) predicted labels."""
+    num_classes = num_classes or int(train_y.max()) + 1
+    train_f, test_f = torch.nn.functional.normalize(train_f, dim=1), torch.nn.functional.normalize(test_f, dim=1)
+    preds = []
+    for start in range(0, len(test_f), chunk):
+        sims = test_f[start:start + chunk] @ train_f.T                      # (n, N_train) cosine similarities
+        top_s, top_i = sims.topk(min(k, len(train_f)), dim=1)               # (n, k)
+        votes = torch.zeros(len(sims), num_classes)
+        votes.scatter_add_(1, train_y[top_i], (top_s / T).exp())            # class score = sum of exp(s/T)
+        preds.append(votes.argmax(dim=1))
+    return torch.cat(preds)
+
+def save_labelled_grid(rows, labels, path, min_side=96):
+    """A PNG of rows of images ((n, 3, H, W) each, in [0, 1]) on rank 0, small images scaled up (nearest, so the
+    pixels stay visible) to at least min_side px, each row's label on its left. Every rank calls it: the forward
+    that made the rows may have gathered across ranks, so no rank may skip it."""
+    if RANK != 0:
+        return
+    from PIL import Image, ImageDraw  # torchvision depends on Pillow
+    scale = max(1, -(-min_side // rows[0].shape[-2]))
+    grid = torchvision.utils.make_grid(torch.cat(rows).float().clamp(0, 1), nrow=len(rows[0]), padding=1, pad_value=1.0)
+    grid = torch.nn.functional.interpolate(grid[None], scale_factor=scale, mode="nearest")[0]
+    picture = T.functional.to_pil_image(grid.cpu())
+    canvas = Image.new("RGB", (picture.width + 100, picture.height), "white")
+    canvas.paste(picture, (100, 0))
+    draw = ImageDraw.Draw(canvas)
+    for i, label in enumerate(labels):
+        draw.text((6, int((i + 0.5) * picture.height / len(rows)) - 6), label, fill="black")
+    canvas.save(path)
+
+def plot_curves(log_path):
+    """curves.png next to log.jsonl: the loss and the kNN accuracy against minutes (needs matplotlib, optional)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = [json.loads(line) for line in pathlib.Path(log_path).read_text().splitlines() if line.endswith("}")]
+    fig, (ax_loss, ax_knn) = plt.subplots(1, 2, figsize=(9, 3.2))
+    for ax, key, label in ((ax_loss, "train/loss", "training loss"), (ax_knn, "knn", "kNN top-1 (%)")):
+        points = [(r["minutes"], r[key]) for r in rows if key in r and "minutes" in r]
+        ax.plot(*zip(*points), marker="o" if key == "knn" else None) if points else None
+        ax.set(xlabel="minutes of training", ylabel=label, title=f"{METHOD}: {label}")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(os.path.dirname(log_path), "curves.png"), dpi=100)
+    plt.close(fig)
 
 # ---- benchmarks ----
 def timed(fn, n, device):
@@ -1079,9 +1349,46 @@ def run_data_benchmark(args, loader, device, views_fn):
     return r
 
 # ---- entry point ----
-if __name__ == "__main__":
+class ClosedPipeSafe:
+    """stdout / stderr that outlive a closed pipe: when `| tee log` or `| head` ends first (Ctrl-C reaches the whole
+    pipeline), writing raises BrokenPipeError; the output then goes to /dev/null and the run still saves its checkpoint."""
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except OSError:  # BrokenPipeError, or a terminal that went away
+            self.to_devnull()
+            return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except OSError:
+            self.to_devnull()
+
+    def to_devnull(self):
+        try:  # the file descriptor itself, so that Python's own flush at exit finds nothing wrong either
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+        except (OSError, ValueError):
+            self.stream = open(os.devnull, "w")
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+def main(entry):
+    """Run entry(); a DataError or a Ctrl-C ends it with one line (under torchrun: rank 0's, or the rank whose image failed)."""
+    sys.stdout, sys.stderr = ClosedPipeSafe(sys.stdout), ClosedPipeSafe(sys.stderr)
+    first = os.environ.get("RANK", "0") == "0"  # before the process group exists, every rank meets the same error
     try:
-        train(parse_args())
+        entry()
     except DataError as e:
-        sys.exit("error: " + error_line(e))
+        sys.exit("error: " + error_line(e) if first or isinstance(e, BadImage) else 1)
+    except KeyboardInterrupt:  # Ctrl-C during start-up (before the handlers that save), or a second Ctrl-C
+        sys.exit("interrupted (Ctrl-C): stopped before a checkpoint of the current step was written; "
+                 "the last saved checkpoint, if any, is kept" if first else 130)
+
+if __name__ == "__main__":
+    main(lambda: train(parse_args()))
 # ==== end SHARED ====

@@ -45,38 +45,22 @@ Deviations (our adaptation: the official code is ResNet-only; REFERENCE §5.5)
     the same distributions as the official torchvision / PIL transforms (tests/test_views.py). The
     blur is a true Gaussian (torchvision's GaussianBlur); the official code uses PIL's
     ImageFilter.GaussianBlur, a box-filter approximation of it with radius = sigma.
+    PIL's colour jitter also rounds to 8 bits after each of its ops; ours stays in float until the
+    normalisation (on average about 1 grey level apart, up to 18 where the hue turns).
 
 Many GPUs (torchrun; README "Many GPUs")
   - BatchNorm of projector and predictor over the global batch (official main_simsiam.py:
     SyncBatchNorm)                                                           -> GlobalBatchNorm1d
   - The collapse monitor reads the global batch's outputs                  -> output_std(), all_gather()
 """
-# ---------------------------------------------------------------- imports
-import argparse
-import ast
-import atexit
-import dataclasses
-import inspect
-import itertools
-import json
+# ---------------------------------------------------------------- imports (the machinery's own are at its start)
 import math
-import multiprocessing
 import os
-import pathlib
-import re
-import shutil
-import signal
-import sys
-import time
-import types
-import typing
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 import torchvision.transforms as T
 
 from vit import ViT
@@ -85,115 +69,6 @@ METHOD = "simsiam"
 
 
 # ---------------------------------------------------------------- views
-# ==== SHARED: colour augmentation on the device, identical in every file with colour views ====
-# The data workers only decode, crop and flip (per image, in PIL) and draw each view's colour
-# parameters; the device then applies colour jitter, grayscale, blur and solarize to the whole batch
-# at once. Each sample keeps its own parameters, drawn from the same distributions as torchvision's
-# RandomApply(ColorJitter), RandomGrayscale, RandomApply(GaussianBlur) and RandomSolarize, and drawn
-# under the sample's own seed, so a run is the same with any number of workers or GPUs, and resumes
-# exactly. One view's parameters are a row of 13 numbers:
-#   [jitter on, brightness, contrast, saturation, hue, order of the 4 jitter ops (4), gray on, blur on,
-#    blur sigma, solarize on]
-@dataclass
-class Colour:
-    """One view's photometric recipe, in torchvision's terms."""
-    jitter: tuple = (0.4, 0.4, 0.4, 0.1)  # ColorJitter(brightness, contrast, saturation, hue)
-    jitter_p: float = 0.8                 # RandomApply([ColorJitter(...)], p)
-    gray_p: float = 0.2                   # RandomGrayscale(p)
-    blur_p: float = 0.0                   # RandomApply([GaussianBlur(sigma ~ U(0.1, 2.0) at 224 px)], p)
-    solarize_p: float = 0.0               # RandomSolarize(threshold 128 of 255, p)
-
-    def draw(self, img_size):
-        """This view's parameters for one image (CPU side, under the sample's seed): a (13,) tensor."""
-        b, c, s, h = self.jitter
-        u = torch.rand(8)
-        factors = [1 - b + 2 * b * u[0], 1 - c + 2 * c * u[1], 1 - s + 2 * s * u[2], -h + 2 * h * u[3]]
-        sigma = (0.1 + 1.9 * u[4]) * img_size / 224  # the blur scales with the image (23-px kernel at 224)
-        return torch.tensor([float(torch.rand(()) < self.jitter_p), *factors, *torch.randperm(4).tolist(),
-                             float(u[5] < self.gray_p), float(u[6] < self.blur_p), sigma, float(u[7] < self.solarize_p)])
-
-
-def gray(x):
-    """ITU-R 601-2 luma, as torchvision's rgb_to_grayscale: (B, 3, H, W) -> (B, 1, H, W)."""
-    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
-
-
-def blend(x, y, f):
-    """f x + (1 - f) y, clipped to [0, 1]; f is one factor per sample."""
-    return (f.view(-1, 1, 1, 1) * x + (1 - f.view(-1, 1, 1, 1)) * y).clamp(0, 1)
-
-
-def adjust_hue(x, shift):
-    """Rotate each pixel's hue by `shift` turns of the colour circle, keeping its HSV saturation and
-    value: RGB -> HSV, h <- (h + shift) mod 1, HSV -> RGB with f(n) = v - v s clip(min(k, 4 - k), 0, 1),
-    k = (n + 6 h) mod 6, n = 5, 3, 1 for R, G, B."""
-    r, g, b = x.unbind(1)
-    v, m = x.amax(dim=1), x.amin(dim=1)
-    chroma = v - m
-    c = torch.where(chroma > 0, chroma, torch.ones_like(chroma))        # no division by 0 for grays
-    h = torch.where(v == r, (g - b) / c, torch.where(v == g, 2 + (b - r) / c, 4 + (r - g) / c)) / 6
-    h = (h + shift.view(-1, 1, 1)) % 1.0
-    s = chroma / torch.where(v > 0, v, torch.ones_like(v))
-    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + 6 * h.unsqueeze(1)) % 6
-    return v.unsqueeze(1) - (v * s).unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)
-
-
-JITTER_OPS = [
-    lambda x, f: blend(x, torch.zeros_like(x), f),                               # brightness
-    lambda x, f: blend(x, gray(x).mean(dim=(1, 2, 3), keepdim=True), f),         # contrast: toward the mean gray
-    lambda x, f: blend(x, gray(x), f),                                           # saturation: toward the gray image
-    adjust_hue,                                                                  # hue
-]
-
-
-def gaussian_blur(x, sigma, kernel_size):
-    """Separable Gaussian blur, one sigma per sample: the kernel is exp(-t^2 / (2 sigma^2)) at
-    t = -(k-1)/2 ... (k-1)/2, normalised to sum 1, with reflected borders (as torchvision's)."""
-    B, C, H, W = x.shape
-    t = torch.arange(kernel_size, device=x.device, dtype=x.dtype) - (kernel_size - 1) / 2
-    kernel = torch.exp(-0.5 * (t / sigma.view(-1, 1)) ** 2)
-    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(C, dim=0)  # (B*C, k), one per channel
-    pad = kernel_size // 2
-    x = x.reshape(1, B * C, H, W)
-    x = F.conv2d(F.pad(x, (pad, pad, 0, 0), mode="reflect"), kernel.view(B * C, 1, 1, -1), groups=B * C)  # rows
-    x = F.conv2d(F.pad(x, (0, 0, pad, pad), mode="reflect"), kernel.view(B * C, 1, -1, 1), groups=B * C)  # columns
-    return x.view(B, C, H, W)
-
-
-def colour_augment(x, p, kernel_size):
-    """The device side of one view: x (B, 3, H, W) uint8 crops, p (B, 13) their parameters (Colour.draw)
-    -> (B, 3, H, W) float in [0, 1]. Every op is computed for the whole batch and kept where a sample
-    drew it (torch.where), so nothing waits on the GPU."""
-    x = x.float() / 255
-    on = lambda column: (p[:, column] > 0).view(-1, 1, 1, 1)
-    for position in range(4):  # ColorJitter applies its four ops in a random order per image
-        for op_index, op in enumerate(JITTER_OPS):
-            chosen = (p[:, 0] > 0) & (p[:, 5 + position] == op_index)
-            x = torch.where(chosen.view(-1, 1, 1, 1), op(x, p[:, 1 + op_index]), x)
-    x = torch.where(on(9), gray(x).expand_as(x), x)
-    if kernel_size > 1:
-        x = torch.where(on(10), gaussian_blur(x, p[:, 11], kernel_size), x)
-    return torch.where(on(12) & (x >= 128 / 255), 1 - x, x)  # solarize: invert the bright values
-
-
-def blur_kernel_size(img_size):
-    """About 10% of the image side, odd: 23 px at 224 (BYOL's), 5 px at 32."""
-    return 2 * round(0.05 * img_size) + 1
-
-
-class CropViews:
-    """The CPU side of several views of one image: each view's crop (and flip) as a uint8 tensor, and
-    a (views, 13) tensor of their colour parameters (zeros for a view without colour)."""
-
-    def __init__(self, img_size, crops, colours):
-        self.img_size, self.crops, self.colours = img_size, crops, colours
-
-    def __call__(self, img):
-        params = [c.draw(self.img_size) if c else torch.zeros(13) for c in self.colours]
-        return [crop(img) for crop in self.crops], torch.stack(params)
-# ==== end SHARED ====
-
-
 def train_transform(args):
     """Alg. 1 "x1, x2 = aug(x), aug(x)": both views from one recipe, MoCo v2's (Sec. 4): a random resized
     crop (0.2, 1) and a flip here, per image; on the device, colour jitter (0.4, 0.4, 0.4, 0.1) with
@@ -207,58 +82,6 @@ def device_views(batch, args):
     """The device side of the two views: each view's colour, then normalisation, on the whole batch."""
     crops, params = batch
     return [normalize(colour_augment(x, params[:, i], blur_kernel_size(args.img_size))) for i, x in enumerate(crops)]
-
-
-# ---------------------------------------------------------------- many GPUs: SimSiam's part (README "Many GPUs")
-class AllReduceSum(torch.autograd.Function):
-    """x summed over all ranks. The backward pass sums the gradient over the ranks as well: every rank's loss
-    depends on the sum, so each rank's own x gets the gradient of all the ranks' losses."""
-
-    @staticmethod
-    def forward(ctx, x):
-        x = x.clone()
-        dist.all_reduce(x)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
-
-
-def all_reduce_sum(x):
-    """x summed over the ranks: a statistic of the global batch from this rank's part of it (differentiable,
-    see AllReduceSum)."""
-    return AllReduceSum.apply(x) if WORLD > 1 else x
-
-
-def all_gather(x):
-    """Every rank's rows of x in rank order, (B, ...) -> (WORLD * B, ...), without gradient (the official
-    concat_all_gather); this rank's rows are RANK * B to RANK * B + B - 1."""
-    if WORLD == 1:
-        return x
-    rows = [torch.empty_like(x) for _ in range(WORLD)]
-    dist.all_gather(rows, x.contiguous())
-    return torch.cat(rows)
-
-
-class GlobalBatchNorm1d(nn.BatchNorm1d):
-    """BatchNorm1d whose training statistics are those of all ranks' rows together (the official
-    SyncBatchNorm, written so that it also runs on the CPU); on one process, nn.BatchNorm1d."""
-
-    def forward(self, x):
-        if WORLD == 1 or not self.training:
-            return super().forward(x)
-        n, xf = x.shape[0] * WORLD, x.float()
-        mean = all_reduce_sum(xf.sum(dim=0)) / n
-        var = all_reduce_sum(((xf - mean) ** 2).sum(dim=0)) / n  # biased, as BatchNorm normalises
-        with torch.no_grad():  # the running statistics of one large batch (unbiased variance)
-            self.num_batches_tracked += 1
-            self.running_mean.lerp_(mean, self.momentum)
-            self.running_var.lerp_(var * n / (n - 1), self.momentum)
-        y = (xf - mean) / torch.sqrt(var + self.eps)
-        return (y * self.weight + self.bias if self.affine else y).to(x.dtype)
 
 
 # ---------------------------------------------------------------- model
@@ -368,6 +191,19 @@ def train_step(model, train_model, optimizer, views, lr, peak_lr, args):
     return loss.detach(), {"std": output_std(z1.detach())}
 
 
+def build_model(args):
+    """The SimSiam of a run's settings (train() builds it so, and evaluate.py's pretext protocol from a checkpoint)."""
+    return SimSiam(build_encoder(args), args.proj_dim, args.pred_dim)
+
+
+@torch.no_grad()
+def pretext_metrics(model, views, args):
+    """SimSiam's own task on images it did not train on (evaluate.py --protocols pretext): the loss of train_step
+    (-1 is perfect agreement) and the collapse monitor, std(z / |z|) x sqrt(d): near 1 healthy, 0 collapsed."""
+    loss, z1 = model(*views)
+    return {"loss": loss, "std": output_std(z1)}
+
+
 # ---------------------------------------------------------------- config
 @dataclass
 class Args:
@@ -385,11 +221,11 @@ class Args:
     patch_size: int | None = None
     """patch size in pixels; must divide img-size (recipe: 4 at 32 px, 16 at 224 px)"""
     epochs: int | None = None
-    """passes over the training set (paper: 800 or 1600 on ImageNet)"""
+    """passes over the training set"""
     steps: int = 0
     """total optimizer steps; if set, overrides --epochs and the schedule is compressed into these steps"""
     batch_size: int | None = None
-    """images per step and GPU: the global batch is this times the number of GPUs (torchrun), and the lr rule uses it (paper: 4096 over many GPUs)"""
+    """images per step and GPU: the global batch is this times the number of GPUs (torchrun), and the lr rule uses it"""
     blr: float | None = None
     """base learning rate: the lr at batch 256. Effective lr = blr * batch-size / 256 (printed at start)"""
     min_lr: float | None = None
@@ -397,7 +233,7 @@ class Args:
     weight_decay: float | None = None
     """AdamW weight decay, not applied to biases and norm weights"""
     warmup_epochs: float | None = None
-    """epochs of linear lr warm-up from 0 before the cosine decay"""
+    """epochs of linear lr warm-up before the cosine decay (from 0, or from a method's official start lr)"""
     seed: int = 0
     """seeds every random draw: data order, augmentations, masks, initialisation"""
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
@@ -418,6 +254,12 @@ class Args:
     """end this process after this many steps, saving a checkpoint (the schedule still spans the whole run); continue with --resume"""
     log_every: int = 50
     """steps between log lines"""
+    knn_every: float = 1.0
+    """epochs between kNN accuracies in the log (also at step 0 and at the end): evaluate.py's kNN (k 20, T 0.07) of the encoder it evaluates, on --knn-train / --knn-val fixed images; 0 turns it off"""
+    knn_train: int = 5000
+    """training images of the kNN monitor (a fixed random subset, evaluate.py --max-train-images)"""
+    knn_val: int = 1000
+    """val images of the kNN monitor (a fixed random subset, evaluate.py --max-val-images)"""
     save_minutes: float = 10.0
     """minutes between checkpoints, so a hard kill (SIGKILL, a power cut) loses at most this much; one is also written at the end and on Ctrl-C, SIGTERM or SIGHUP (to the main process or its whole process group)"""
     benchmark: bool = False
@@ -431,9 +273,9 @@ class Args:
     # ==== SimSiam specific ====
     optimizer: str = "adamw"
     """'adamw' (our ViT adaptation, MoCo v3's settings) or 'sgd' (the paper's recipe; fills blr 0.05, wd 1e-4 and no warm-up unless you set them)"""
-    proj_dim: int = 2048
+    proj_dim: int | None = None
     """width of the projector's hidden and output layers (paper: 2048)"""
-    pred_dim: int = 512
+    pred_dim: int | None = None
     """bottleneck width of the predictor (paper: 512)"""
     fix_pred_lr: bool = True
     """the predictor keeps the peak lr while the rest decays (paper Tab. 1: 68.1 vs 67.7; main_simsiam.py's flag is off unless given, and its README gives it)"""
@@ -444,11 +286,29 @@ class Args:
 RECIPES = {
     # our small-data recipe (there is no official ViT or CIFAR-10 SimSiam)
     "cifar10": dict(model="tiny", img_size=32, patch_size=4, epochs=200, batch_size=256, blr=1.5e-4,
-                    min_lr=0.0, weight_decay=0.1, warmup_epochs=10),
+                    min_lr=0.0, weight_decay=0.1, warmup_epochs=10,
+                    proj_dim=2048, pred_dim=512),
     # ViT-S/16 at 224 px with MoCo v3's ViT optimizer settings (REFERENCE §5.5), batch 256 on one GPU
     "imagenet": dict(model="small", img_size=224, patch_size=16, epochs=300, batch_size=256, blr=1.5e-4,
-                     min_lr=0.0, weight_decay=0.1, warmup_epochs=40),
+                     min_lr=0.0, weight_decay=0.1, warmup_epochs=40,
+                     proj_dim=2048, pred_dim=512),
+    # a laptop (picked by --recipe auto on the CPU): about 15 minutes on 2 cores, measured in README.md
+    "cpu": dict(model="128,4,4", img_size=32, patch_size=4, epochs=2, batch_size=128, blr=2e-3, min_lr=0.0,
+                weight_decay=0.1, warmup_epochs=0.2, proj_dim=512, pred_dim=128),
 }
+
+# The paper's values of the shared flags (--help shows them). SimSiam has no ViT recipe: these are its ResNet-50
+# values (SGD); the ViT recipes here use MoCo v3's AdamW settings (REFERENCE 5.5)
+PAPER = dict(model="none (ResNet-50; no ViT in the paper)", img_size="224", patch_size="none (ResNet-50)", epochs="100",
+             batch_size="512", blr="0.05 (SGD)", min_lr="0", weight_decay="1e-4 (SGD)", warmup_epochs="0")
+
+
+def check_args(args):
+    """The ranges of SimSiam's own flags (apply_recipe checks the shared ones), before anything is written."""
+    require(args, "optimizer", args.optimizer in ("adamw", "sgd"), "'adamw' or 'sgd'")
+    for name in ("proj_dim", "pred_dim"):
+        require(args, name, getattr(args, name) >= 1, "at least 1")
+    require(args, "collapse_std", args.collapse_std >= 0, "0 or more (0 turns the collapse stop off)")
 # --optimizer sgd: the paper's recipe (Sec. 4): fills these where the command line did not set them
 SGD_RECIPE = dict(blr=0.05, weight_decay=1e-4, warmup_epochs=0)
 
@@ -459,7 +319,7 @@ def train(args):
         for name, value in SGD_RECIPE.items():
             setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
     args, device, resumed = setup(args)  # --resume, the recipe, the seed, the device, torchrun
-    model = SimSiam(build_encoder(args), args.proj_dim, args.pred_dim).to(device)
+    model = build_model(args).to(device)
     lr = args.blr * args.batch_size * WORLD / 256  # the linear scaling rule (paper Sec. 4: 0.05 x batch / 256)
     groups = param_groups(model, args.weight_decay, decay_all=args.optimizer == "sgd")
     if args.optimizer == "sgd":
@@ -490,9 +350,143 @@ def train(args):
     return run.ckpt_path
 
 
+# ==== SHARED: colour augmentation on the device, identical in every file with colour views ====
+# The data workers only decode, crop and flip (per image, in PIL) and draw each view's colour
+# parameters; the device then applies colour jitter, grayscale, blur and solarize to the whole batch
+# at once. Each sample keeps its own parameters, drawn from the same distributions as torchvision's
+# RandomApply(ColorJitter), RandomGrayscale, RandomApply(GaussianBlur) and RandomSolarize, and drawn
+# under the sample's own seed, so a run is the same with any number of workers or GPUs, and resumes
+# exactly. One view's parameters are a row of 13 numbers:
+#   [jitter on, brightness, contrast, saturation, hue, order of the 4 jitter ops (4), gray on, blur on,
+#    blur sigma, solarize on]
+@dataclass
+class Colour:
+    """One view's photometric recipe, in torchvision's terms."""
+    jitter: tuple = (0.4, 0.4, 0.4, 0.1)  # ColorJitter(brightness, contrast, saturation, hue)
+    jitter_p: float = 0.8                 # RandomApply([ColorJitter(...)], p)
+    gray_p: float = 0.2                   # RandomGrayscale(p)
+    blur_p: float = 0.0                   # RandomApply([GaussianBlur(sigma ~ U(0.1, 2.0) at 224 px)], p)
+    solarize_p: float = 0.0               # RandomSolarize(threshold 128 of 255, p)
+
+    def draw(self, img_size):
+        """This view's parameters for one image (CPU side, under the sample's seed): a (13,) tensor."""
+        b, c, s, h = self.jitter
+        u = torch.rand(8)
+        factors = [1 - b + 2 * b * u[0], 1 - c + 2 * c * u[1], 1 - s + 2 * s * u[2], -h + 2 * h * u[3]]
+        sigma = (0.1 + 1.9 * u[4]) * img_size / 224  # the blur scales with the image (23-px kernel at 224)
+        return torch.tensor([float(torch.rand(()) < self.jitter_p), *factors, *torch.randperm(4).tolist(),
+                             float(u[5] < self.gray_p), float(u[6] < self.blur_p), sigma, float(u[7] < self.solarize_p)])
+
+
+def gray(x):
+    """ITU-R 601-2 luma, as torchvision's rgb_to_grayscale: (B, 3, H, W) -> (B, 1, H, W)."""
+    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def blend(x, y, f):
+    """f x + (1 - f) y, clipped to [0, 1]; f is one factor per sample."""
+    return (f.view(-1, 1, 1, 1) * x + (1 - f.view(-1, 1, 1, 1)) * y).clamp(0, 1)
+
+
+def adjust_hue(x, shift):
+    """Rotate each pixel's hue by `shift` turns of the colour circle, keeping its HSV saturation and
+    value: RGB -> HSV, h <- (h + shift) mod 1, HSV -> RGB with f(n) = v - v s clip(min(k, 4 - k), 0, 1),
+    k = (n + 6 h) mod 6, n = 5, 3, 1 for R, G, B."""
+    r, g, b = x.unbind(1)
+    v, m = x.amax(dim=1), x.amin(dim=1)
+    chroma = v - m
+    c = torch.where(chroma > 0, chroma, torch.ones_like(chroma))        # no division by 0 for grays
+    h = torch.where(v == r, (g - b) / c, torch.where(v == g, 2 + (b - r) / c, 4 + (r - g) / c)) / 6
+    h = (h + shift.view(-1, 1, 1)) % 1.0
+    s = chroma / torch.where(v > 0, v, torch.ones_like(v))
+    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + 6 * h.unsqueeze(1)) % 6
+    return v.unsqueeze(1) - (v * s).unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)
+
+
+JITTER_OPS = [
+    lambda x, f: blend(x, torch.zeros_like(x), f),                               # brightness
+    lambda x, f: blend(x, gray(x).mean(dim=(1, 2, 3), keepdim=True), f),         # contrast: toward the mean gray
+    lambda x, f: blend(x, gray(x), f),                                           # saturation: toward the gray image
+    adjust_hue,                                                                  # hue
+]
+
+
+def gaussian_blur(x, sigma, kernel_size):
+    """Separable Gaussian blur, one sigma per sample: the kernel is exp(-t^2 / (2 sigma^2)) at
+    t = -(k-1)/2 ... (k-1)/2, normalised to sum 1, with reflected borders (as torchvision's)."""
+    B, C, H, W = x.shape
+    t = torch.arange(kernel_size, device=x.device, dtype=x.dtype) - (kernel_size - 1) / 2
+    kernel = torch.exp(-0.5 * (t / sigma.view(-1, 1)) ** 2)
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(C, dim=0)  # (B*C, k), one per channel
+    pad = kernel_size // 2
+    x = x.reshape(1, B * C, H, W)
+    x = F.conv2d(F.pad(x, (pad, pad, 0, 0), mode="reflect"), kernel.view(B * C, 1, 1, -1), groups=B * C)  # rows
+    x = F.conv2d(F.pad(x, (0, 0, pad, pad), mode="reflect"), kernel.view(B * C, 1, -1, 1), groups=B * C)  # columns
+    return x.view(B, C, H, W)
+
+
+def colour_augment(x, p, kernel_size):
+    """The device side of one view: x (B, 3, H, W) uint8 crops, p (B, 13) their parameters (Colour.draw)
+    -> (B, 3, H, W) float in [0, 1]. Every op is computed for the whole batch and kept where a sample
+    drew it (torch.where), so nothing waits on the GPU."""
+    x = x.float() / 255
+    on = lambda column: (p[:, column] > 0).view(-1, 1, 1, 1)
+    for position in range(4):  # ColorJitter applies its four ops in a random order per image
+        for op_index, op in enumerate(JITTER_OPS):
+            chosen = (p[:, 0] > 0) & (p[:, 5 + position] == op_index)
+            x = torch.where(chosen.view(-1, 1, 1, 1), op(x, p[:, 1 + op_index]), x)
+    x = torch.where(on(9), gray(x).expand_as(x), x)
+    if kernel_size > 1:
+        x = torch.where(on(10), gaussian_blur(x, p[:, 11], kernel_size), x)
+    return torch.where(on(12) & (x >= 128 / 255), 1 - x, x)  # solarize: invert the bright values
+
+
+def blur_kernel_size(img_size):
+    """About 10% of the image side, odd: 23 px at 224 (BYOL's), 5 px at 32."""
+    return 2 * round(0.05 * img_size) + 1
+
+
+class CropViews:
+    """The CPU side of several views of one image: each view's crop (and flip) as a uint8 tensor, and
+    a (views, 13) tensor of their colour parameters (zeros for a view without colour)."""
+
+    def __init__(self, img_size, crops, colours):
+        self.img_size, self.crops, self.colours = img_size, crops, colours
+
+    def __call__(self, img):
+        params = [c.draw(self.img_size) if c else torch.zeros(13) for c in self.colours]
+        return [crop(img) for crop in self.crops], torch.stack(params)
+# ==== end SHARED ====
+
+
 # ==== SHARED: machinery, identical in every method file (tests/test_shared_blocks.py); the method ends above ====
 # What no method does differently: flags, data, torchrun, the run around train() (resume, run folder, log,
 # checkpoints, signals), benchmarks, the entry point. Sections marked "also in evaluate.py" are there too.
+
+# The machinery's own imports: here, not at the top, so that the file opens on the method (Python has run
+# them before any function is called; a few repeat one of the method's).
+import argparse
+import ast
+import atexit
+import dataclasses
+import inspect
+import itertools
+import json
+import math
+import multiprocessing
+import pathlib
+import re
+import shutil
+import signal
+import sys
+import time
+import types
+import typing
+
+import torch.distributed as dist
+import torch.nn as nn
+import torchvision
+import torchvision.transforms as T
 
 # ---- argument parsing (also in evaluate.py) ----
 def parse_args(argv=None):
@@ -506,7 +500,8 @@ def parse_args(argv=None):
         if typing.get_origin(kind) in (typing.Union, types.UnionType):  # "int | None" -> int
             kind = next(t for t in typing.get_args(kind) if t is not type(None))
         default = f.default if f.default is not None else "auto" if kind is bool else "from the recipe"
-        options = dict(default=f.default, help=f"{helps.get(f.name, '')} (default: {default})".replace("%", "%%"))
+        paper = f" (paper: {PAPER[f.name]})" if f.name in PAPER else ""  # the method's published value
+        options = dict(default=f.default, help=f"{helps.get(f.name, '')}{paper} (default: {default})".replace("%", "%%"))
         if kind is bool:
             options.update(action=argparse.BooleanOptionalAction)
         elif typing.get_origin(kind) is tuple:  # "tuple[str, ...]" -> one or more values
@@ -540,13 +535,16 @@ def check_folder(root):
     if not os.path.isdir(root):
         raise DataError(f"data folder {root!r} does not exist (--data takes 'cifar10', 'fake' or a folder)")
 
-def walk_images(top):
-    """(folder, sorted image names) under top, sorted, without hidden files; a folder linked twice is read once."""
-    seen = set()
+def walk_images(top, seen=None, avoid=()):
+    """(folder, sorted image names) under top, sorted, without hidden files. Through symbolic links a folder is read
+    once (seen: the real paths read so far, shared by the caller), and the folders in avoid (the data root, the other
+    classes) and their parents are not entered, so that a link cannot label another class's images as this one's."""
+    seen = set() if seen is None else seen
     for folder, dirs, files in os.walk(top, followlinks=True):
         real = os.path.realpath(folder)
-        dirs[:] = [] if real in seen else sorted(d for d in dirs if not d.startswith("."))
-        if real not in seen:
+        skip = real in seen or any(a == real or a.startswith(real + os.sep) for a in avoid)
+        dirs[:] = [] if skip else sorted(d for d in dirs if not d.startswith("."))
+        if not skip:
             seen.add(real)
             yield folder, sorted(f for f in files if not f.startswith(".") and f.lower().endswith(IMAGE_EXTS))
 
@@ -554,8 +552,12 @@ def find_images(root):
     """(path, label) pairs and class names for a folder of class folders, or a flat folder (label -1)."""
     check_folder(root)
     classes = sorted(d for d in os.listdir(root) if not d.startswith(".") and os.path.isdir(os.path.join(root, d)))
-    samples = [(os.path.join(folder, f), label) for label, name in enumerate(classes)
-               for folder, files in sorted(walk_images(os.path.join(root, name))) for f in files]
+    tops = [os.path.realpath(p) for p in [root] + [os.path.join(root, name) for name in classes]]
+    seen, samples = set(), []
+    for label, name in enumerate(classes):
+        others = [t for t in tops if t != tops[1 + label]]
+        samples += [(os.path.join(folder, f), label) for folder, files in
+                    sorted(walk_images(os.path.join(root, name), seen, others)) for f in files]
     if not classes:  # a flat folder of unlabelled images
         samples = [(os.path.join(root, f), -1) for f in next(walk_images(root))[1]]
     if not samples:
@@ -610,9 +612,15 @@ def build_dataset(data, split="train", img_size=32):
         return FakeImages(1000 if split == "train" else 200, size=img_size)
     if data == "cifar10":
         root = os.environ.get("CIFAR10_ROOT", os.path.join("data", "cifar10-torchvision"))
+        existed = os.path.isdir(root)
         try:
             return torchvision.datasets.CIFAR10(root, train=(split == "train"), download=True)
         except Exception as e:
+            if not existed:  # no empty folder left behind
+                try:
+                    os.removedirs(root)
+                except OSError:
+                    pass
             raise DataError(f"could not download CIFAR-10 into {root} ({type(e).__name__}: {e}); without a "
                             "network, pass --data PATH to a folder of images, e.g. CIFAR-10 as JPEGs") from None
     for name in ["train"] if split == "train" else ["val", "test"]:  # ImageNet layout: train/ and val/ (or test/)
@@ -639,11 +647,12 @@ def peek_image_sides(data, count=16):
         raise DataError(f"no images ({', '.join(IMAGE_EXTS)}) found in {data!r}")
     return sides
 
-def eval_transform(img_size):
-    """Centre crop: resize to img_size / 0.875, crop (224 -> 256 -> 224); small images are only resized."""
+def eval_transform(img_size, uint8=False, interpolation=T.InterpolationMode.BICUBIC):
+    """Centre crop: resize to img_size / 0.875, crop (224 -> 256 -> 224); small images are only resized. A normalised
+    float tensor, or with uint8 the crop's bytes (normalize(x.float() / 255) then gives the same floats)."""
     resize = round(img_size / 0.875) if img_size >= 96 else img_size
-    return T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(img_size),
-                      T.ToTensor(), T.Normalize(MEAN, STD)])
+    crop = [T.Resize(resize, interpolation=interpolation), T.CenterCrop(img_size)]
+    return T.Compose(crop + ([T.PILToTensor()] if uint8 else [T.ToTensor(), T.Normalize(MEAN, STD)]))
 
 class Augmented(torch.utils.data.Dataset):
     """base[index] through transform under the sample's seed from EpochSampler: every augmentation is a function
@@ -696,7 +705,8 @@ def end_workers():
     for worker in multiprocessing.active_children():
         worker.kill()
 
-# ---- many GPUs (torchrun): the set-up; what a method does with a split batch is part of the method ----
+# ---- many GPUs (torchrun): the set-up, and the helpers a method calls on its split batch ----
+# What each method does with them is in its own code; its docstring's "Many GPUs" list says where.
 RANK, WORLD = 0, 1  # this process's rank and the number of processes: (0, 1) without torchrun
 
 def init_distributed(device):
@@ -730,6 +740,58 @@ def sync_stop(stop, device):
         if flag.item() and not stop:
             stop.append("another rank")
 
+class AllReduceSum(torch.autograd.Function):
+    """x summed over all ranks. The backward pass sums the gradient over the ranks as well: every rank's loss
+    depends on the sum, so each rank's own x gets the gradient of all the ranks' losses."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+def all_reduce_sum(x):
+    """x summed over the ranks: a statistic of the global batch from this rank's part of it (differentiable,
+    see AllReduceSum)."""
+    return AllReduceSum.apply(x) if WORLD > 1 else x
+
+def all_gather(x):
+    """Every rank's rows of x in rank order, (B, ...) -> (WORLD * B, ...), without gradient (the official
+    concat_all_gather); this rank's rows are RANK * B to RANK * B + B - 1."""
+    if WORLD == 1:
+        return x
+    rows = [torch.empty_like(x) for _ in range(WORLD)]
+    dist.all_gather(rows, x.contiguous())
+    return torch.cat(rows)
+
+def global_rand(batch, *shape, device=None):
+    """Uniform noise (for masks) for this rank's rows: every rank draws the global batch's noise and keeps
+    its own rows, so a sample's mask does not depend on the number of GPUs."""
+    return torch.rand(batch * WORLD, *shape, device=device)[RANK * batch:(RANK + 1) * batch]
+
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics are those of all ranks' rows together (the official
+    SyncBatchNorm, written so that it also runs on the CPU); on one process, nn.BatchNorm1d."""
+
+    def forward(self, x):
+        if WORLD == 1 or not self.training:
+            return super().forward(x)
+        n, xf = x.shape[0] * WORLD, x.float()
+        mean = all_reduce_sum(xf.sum(dim=0)) / n
+        var = all_reduce_sum(((xf - mean) ** 2).sum(dim=0)) / n  # biased, as BatchNorm normalises
+        with torch.no_grad():  # the running statistics of one large batch (unbiased variance)
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * n / (n - 1), self.momentum)
+        y = (xf - mean) / torch.sqrt(var + self.eps)
+        return (y * self.weight + self.bias if self.affine else y).to(x.dtype)
+
 # ---- the run around train(): set-up, recipe, schedule, resume, log, checkpoints, signals ----
 def setup(args):
     """Before the model: --resume (the run keeps its own settings), the recipe, the seed, the device, torchrun,
@@ -737,12 +799,19 @@ def setup(args):
     resumed = None
     if args.resume:  # only these flags may change on resume
         resumed, path = load_checkpoint(args.resume)
-        keep = {k: getattr(args, k) for k in ("device", "compile", "amp", "num_workers", "stop_after", "log_every", "save_minutes")}
-        ignored = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(Args) if f.name not in keep and
-                   f.name != "resume" and getattr(args, f.name) not in (f.default, resumed["args"].get(f.name))]
+        defaults = {f.name: f.default for f in dataclasses.fields(Args)}
+        keep = {k: getattr(args, k) for k in ("device", "compile", "amp", "num_workers", "stop_after")}  # this machine's
+        keep.update({k: getattr(args, k) for k in ("log_every", "save_minutes", "knn_every")  # the run's own unless given
+                     if getattr(args, k) != defaults[k]})
+        ignored = [f"--{name.replace('_', '-')}" for name, default in defaults.items() if name not in keep and
+                   name != "resume" and getattr(args, name) not in (default, resumed["args"].get(name))]
         if ignored:
             print(f"warning: --resume continues the run with its own settings; ignored: {', '.join(ignored)}")
         args = Args(**{**resumed["args"], **keep, "resume": path})
+        if resumed.get("fresh"):  # a folder whose run stopped before its first checkpoint: start it again, there
+            print(f"note: {os.path.dirname(path)} holds no checkpoint (its run stopped before the first save): "
+                  "starting that run afresh in it", flush=True)
+            resumed = None
     args.recipe = apply_recipe(args)
     torch.manual_seed(args.seed)  # CPU runs are bit-exact; GPU kernels and torch.compile may differ slightly
     if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
@@ -751,6 +820,15 @@ def setup(args):
         raise DataError("--device cuda was asked for but no GPU is visible; use --device cpu")
     device = init_distributed(torch.device(args.device))  # under torchrun: this rank's GPU
     args.amp, args.compile = (device.type == "cuda" if v is None else v for v in (args.amp, args.compile))
+    before = resumed.get("world_size", 1) if resumed else WORLD
+    if before != WORLD:  # keep the run's global batch, and so its lr and the order of its samples
+        global_batch = args.batch_size * before
+        if global_batch % WORLD:
+            raise DataError(f"this run trained on {before} processes with a global batch of {global_batch}, which "
+                            f"{WORLD} processes cannot split evenly: resume it with torchrun --nproc_per_node {before}")
+        args.batch_size = global_batch // WORLD
+        print(f"note: the run trained on {before} process(es); on {WORLD} each takes {args.batch_size} images, so the "
+              f"global batch stays {global_batch}")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return args, device, resumed
 
@@ -758,6 +836,10 @@ def apply_recipe(args):
     """Fill the fields left at None from the recipe, check the values, return the recipe's name. 'auto' looks
     at the median short side of several images, so that one odd image does not decide."""
     recipe = args.recipe
+    if recipe == "auto" and args.device == "cpu" and "cpu" in RECIPES:
+        recipe = "cpu"  # a laptop: a small model and schedule, whatever the images' size
+        print("recipe auto: no GPU -> cpu (a small ViT at 32 px that learns in about 15 min on 2 cores; "
+              "--recipe cifar10 or imagenet for the GPU recipes)")
     if recipe == "auto":
         sides = sorted(peek_image_sides(args.data))
         recipe = "imagenet" if sides[len(sides) // 2] >= 64 else "cifar10"
@@ -772,10 +854,17 @@ def apply_recipe(args):
     for name in ("img_size", "patch_size", "batch_size", "epochs", "blr", "log_every", "benchmark_steps"):
         if getattr(args, name) <= 0:
             raise DataError(f"--{name.replace('_', '-')} must be more than 0, not {getattr(args, name)}")
-    for name in ("steps", "stop_after", "num_workers", "min_lr", "weight_decay", "warmup_epochs", "save_minutes"):
+    for name in ("steps", "stop_after", "num_workers", "min_lr", "weight_decay", "warmup_epochs", "save_minutes",
+                 "knn_every", "knn_train", "knn_val"):
         if getattr(args, name) < 0:
             raise DataError(f"--{name.replace('_', '-')} must be 0 or more, not {getattr(args, name)}")
+    check_args(args)  # the method's own flags
     return recipe
+
+def require(args, name, ok, rule):
+    """One line naming the flag when a setting is out of its range, before anything is written."""
+    if not ok:
+        raise DataError(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range: it must be {rule}")
 
 def build_encoder(args, **kwargs):
     """The ViT of --model-dims (width,depth,heads) or --model, at --img-size and --patch-size."""
@@ -835,6 +924,7 @@ class Run:
         self.warmup_capped = warmup > self.total_steps // 2  # e.g. --epochs 5 with a 10-epoch warm-up: the lr
         self.warmup_steps = min(warmup, self.total_steps // 2)  # would never peak
         self.step, self.stop, self.losses = 0, [], []
+        self.seconds_before, self.knn = 0.0, None  # training time of the process(es) before a --resume
 
     def start(self, resumed=None):
         """The resumed run's weights, optimizer, RNG and folder, or a new folder; then the signals and the log."""
@@ -845,7 +935,7 @@ class Run:
             torch.set_rng_state(resumed["rng"]["torch"])
             if self.device.type == "cuda" and resumed["rng"].get("cuda") is not None:
                 torch.cuda.set_rng_state(resumed["rng"]["cuda"], self.device)
-            self.step = resumed["step"]
+            self.step, self.seconds_before = resumed["step"], resumed.get("efficiency", {}).get("seconds", 0.0)
             print(f"resumed from {args.resume} at step {self.step}")
             if resumed.get("num_images", len(self.dataset)) != len(self.dataset):
                 print(f"warning: {args.data} now has {len(self.dataset)} images, the run started with "
@@ -855,15 +945,32 @@ class Run:
             dist.broadcast_object_list(run_dir)
         self.dir, self.ckpt_path = run_dir[0], os.path.join(run_dir[0], "checkpoint.pt")
         if RANK == 0:  # the settings and the code that produced this run
-            pathlib.Path(self.dir, "args.json").write_text(json.dumps(dict(dataclasses.asdict(args), world_size=WORLD), indent=1))
-            shutil.copyfile(__file__, os.path.join(self.dir, f"{METHOD}.py"))
+            try:
+                pathlib.Path(self.dir, "args.json").write_text(json.dumps(dict(dataclasses.asdict(args), world_size=WORLD), indent=1))
+                shutil.copyfile(__file__, os.path.join(self.dir, f"{METHOD}.py"))
+            except OSError as e:
+                if not args.resume:  # a new folder that holds nothing yet
+                    shutil.rmtree(self.dir, ignore_errors=True)
+                raise DataError(f"cannot write to run folder {self.dir}: {os.strerror(e.errno) if e.errno else e}"
+                                f"{' (disk full?)' if e.errno == 28 else ''}; nothing was trained") from None
         print(f"{len(self.dataset)} images | {self.steps_per_epoch} steps/epoch | {self.total_steps} steps "
-              f"({self.total_steps / self.steps_per_epoch:.1f} epochs, warm-up {self.warmup_steps}"
+              f"({self.total_steps / self.steps_per_epoch:.1f} epochs, warm-up {self.warmup_steps} steps"
               f"{' = half the run' if self.warmup_capped else ''}) | writing to {self.dir}")
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, self.request_stop)
         self.end_step = min(self.total_steps, self.step + args.stop_after) if args.stop_after else self.total_steps
-        self.logger, self.last_save = Logger(self.dir, self.total_steps, self.global_batch, self.step), time.monotonic()
+        self.logger = Logger(self.dir, self.total_steps, self.global_batch, self.step, compiling=args.compile)
+        self.last_save = time.monotonic()
+        self.started = time.monotonic()
+        if args.knn_every:
+            with torch.random.fork_rng(devices=[]):  # its loader draws a seed: not from the run's RNG
+                self.knn = KnnMonitor.build(args, self.device)
+            if self.knn and not resumed:
+                self.monitor()  # the untrained encoder: the baseline every later value is read against
+
+    def seconds(self):
+        """Wall-clock seconds of training so far, over every process of the run (--resume adds up)."""
+        return self.seconds_before + time.monotonic() - self.started
 
     def request_stop(self, signum, frame):  # finish the step, save, exit
         self.stop.append(signum)
@@ -900,23 +1007,49 @@ class Run:
         if self.step % self.args.log_every == 0 or self.step == self.end_step:
             mean_loss = check_finite(self.losses, self.step - len(self.losses) + 1)
             self.logger.log(self.step, (self.step - 1) // self.steps_per_epoch, mean_loss, lr,
-                            {k: rank_mean(v).item() for k, v in extras.items()})
+                            {k: rank_mean(v).item() for k, v in extras.items()}, self.seconds())
             self.losses = []
+        every = max(1, round(self.args.knn_every * self.steps_per_epoch))
+        if self.knn and (self.step % every == 0 or self.step == self.total_steps):
+            self.monitor()
         if time.monotonic() - self.last_save > 60 * self.args.save_minutes or self.step == self.end_step or self.stop:
             self.save()
+
+    def monitor(self):
+        """kNN top-1 of the encoder evaluate.py uses by default, logged; its time is left out of img/s and ETA."""
+        t = time.perf_counter()
+        with torch.random.fork_rng(devices=[]):  # a fresh ViT's init must not move the run's RNG (resume is exact)
+            acc = self.knn.accuracy(encoders_to_save(self.model), self.model.encoder)
+        self.logger.log_knn(self.step, self.step // self.steps_per_epoch, acc, time.perf_counter() - t, self.seconds(), self.knn)
+        self.logger.t0 += time.perf_counter() - t  # the kNN and the plot (curves.png)
 
     def save(self):  # rank 0 writes; every rank holds the same weights
         if RANK == 0:
             names = {id(p): name for name, p in self.model.named_parameters()}  # what the optimizer's indices are
             save_checkpoint(self.ckpt_path, {
                 "method": METHOD, "args": dataclasses.asdict(self.args), "step": self.step, "num_images": len(self.dataset),
+                "world_size": WORLD,
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "optimizer_param_names": [[names[id(p)] for p in g["params"]] for g in self.optimizer.param_groups],
                 "rng": {"torch": torch.get_rng_state(),
                         "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},
                 "encoder": self.model.encoder.state_dict(), "encoder_config": self.model.encoder.config,
-                **encoders_to_save(self.model)})
+                **encoders_to_save(self.model), "efficiency": self.efficiency()})
         self.last_save = time.monotonic()
+
+    def efficiency(self):
+        """What the run cost so far: wall-clock, device-hours, steps, images, img/s and peak memory."""
+        seconds = self.seconds()
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+        else:  # the process's peak resident memory (Linux reports KiB, macOS bytes)
+            import resource
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**30 if sys.platform == "darwin" else 2**20)
+        return {"seconds": seconds, "device_hours": seconds * WORLD / 3600, "devices": WORLD,
+                "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU",
+                "steps": self.step, "images_seen": self.step * self.global_batch,
+                "img_per_s": self.step * self.global_batch / max(seconds, 1e-9),
+                "peak_memory_gib": peak, "peak_memory_of": "GPU (allocated)" if self.device.type == "cuda" else "process (RSS)"}
 
 def save_checkpoint(path, state):
     """Write, then rename: a kill mid-save, NaN weights or a full disk leave the previous checkpoint in place."""
@@ -935,6 +1068,11 @@ def save_checkpoint(path, state):
 
 def load_checkpoint(path):
     path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
+    settings = os.path.join(os.path.dirname(path), "args.json")
+    if not os.path.isfile(path) and os.path.isfile(settings):  # the run was stopped before its first checkpoint
+        saved = json.loads(pathlib.Path(settings).read_text())
+        saved.pop("world_size", None)
+        return {"fresh": True, "args": saved, "method": METHOD}, path
     if not os.path.isfile(path):
         raise DataError(f"checkpoint {path!r} does not exist")
     try:
@@ -967,26 +1105,39 @@ def make_run_dir(args):
 
 class Logger:
     """A fixed-format line every --log-every steps, and the same values as JSON lines in log.jsonl."""
-    def __init__(self, run_dir, total_steps, batch_size, start_step):
+    def __init__(self, run_dir, total_steps, batch_size, start_step, compiling=False):
         self.path, self.total, self.batch = os.path.join(run_dir, "log.jsonl"), total_steps, batch_size
+        self.compiling = compiling  # the first window includes torch.compile's start-up: no ETA from it
         self.t0, self.step0, self.waited = time.perf_counter(), start_step, 0.0  # waited: for data, in this window
         if RANK == 0 and os.path.exists(self.path):  # a resumed run: drop what was logged after its checkpoint
             lines = pathlib.Path(self.path).read_text().splitlines(keepends=True)
             pathlib.Path(self.path).write_text("".join(l for l in lines if l.endswith("}\n") and json.loads(l)["step"] <= start_step))
 
-    def log(self, step, epoch, loss, lr, extras):
+    def log(self, step, epoch, loss, lr, extras, seconds):
         now = time.perf_counter()
         ips = (step - self.step0) * self.batch / (now - self.t0)
         eta = (self.total - step) * self.batch / ips if ips > 0 else float("nan")
         wait = self.waited / (now - self.t0)  # the share of wall time spent waiting for data
         self.t0, self.step0, self.waited = now, step, 0.0
         eta_text = "--:--" if math.isnan(eta) else f"{int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}"
+        if self.compiling:
+            eta_text, self.compiling = "--:-- (compiling)", False
         print(f"step {step:>7d}/{self.total} | epoch {epoch:>3d} | loss {loss:.4f} | lr {lr:.2e} | {ips:>6.0f} img/s | "
               f"ETA {eta_text} | data wait {100 * wait:.0f}%" + "".join(f" | {k} {v:.4g}" for k, v in extras.items()), flush=True)
         if RANK == 0:
             with open(self.path, "a") as f:
                 f.write(json.dumps({"step": step, "epoch": epoch, "train/loss": loss, "train/lr": lr, "train/img_per_s": ips,
-                                    "train/data_wait": wait, **{f"train/{k}": v for k, v in extras.items()}}) + "\n")
+                                    "train/data_wait": wait, **{f"train/{k}": v for k, v in extras.items()},
+                                    "minutes": seconds / 60}) + "\n")
+
+    def log_knn(self, step, epoch, acc, seconds, run_seconds, knn):
+        print(f"knn  {step:>7d}/{self.total} | epoch {epoch:>3d} | kNN top-1 {acc:.2f}% ({knn.describe()}) | "
+              f"{seconds:.1f} s", flush=True)
+        if RANK == 0:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, "epoch": epoch, "knn": acc, "knn/seconds": seconds,
+                                    "minutes": run_seconds / 60}) + "\n")
+            plot_curves(self.path)
 
 def check_finite(losses, first_step):
     """The window's mean loss (over all ranks); stops at the first step whose loss is not finite."""
@@ -996,6 +1147,122 @@ def check_finite(losses, first_step):
         raise DataError(f"loss is {values[bad[0]].item()} at step {first_step + int(bad[0])}: training diverged; "
                         "try a lower --blr or a longer warm-up")
     return values.mean().item()
+
+# ---- kNN monitor: are the features getting better? (the vote is evaluate.py's knn_predict, word for word) ----
+class KnnMonitor:
+    """kNN top-1 (k 20, T 0.07) of the encoder evaluate.py uses by default, on fixed random subsets of the train
+    and val splits (seed 0, evaluate.py's --max-train-images / --max-val-images), centre crops decoded once.
+    Each rank embeds every WORLD-th image and the features are gathered: one answer, whatever the GPU count."""
+    def __init__(self, args, device, train, val, labels):
+        self.args, self.device, self.sizes = args, device, (len(train), len(val))
+        self.images = {}
+        for split, ds in (("train", train), ("val", val)):
+            mine = torch.utils.data.Subset(ds, list(range(RANK, len(ds), WORLD)))
+            loader = torch.utils.data.DataLoader(mine, batch_size=256, num_workers=min(args.num_workers, 4))
+            self.images[split] = torch.cat([x for x, _ in loader]) if len(mine) else None
+        self.labels = labels  # (train labels, val labels) of the whole subsets
+
+    @classmethod
+    def build(cls, args, device):
+        """The monitor, or None (with a note) when the data has no labels or no val split."""
+        try:
+            train, val = build_dataset(args.data, "train", args.img_size), build_dataset(args.data, "val", args.img_size)
+        except DataError as e:
+            return print(f"kNN monitor off: {error_line(e)}")
+        if isinstance(train, ImageFiles) and (not train.classes or set(val.classes) - set(train.classes)):
+            return print("kNN monitor off: the data has no class folders, or val/ has classes that train/ lacks")
+        subsets, labels = [], []
+        for ds, n in ((train, args.knn_train), (val, args.knn_val)):
+            keep = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:n].tolist()
+            subsets.append(torch.utils.data.Subset(Augmented(ds, eval_transform(args.img_size, uint8=True)), keep))
+            y = [ds.samples[i][1] for i in keep] if isinstance(ds, ImageFiles) else [int(ds[i][1]) for i in keep]
+            if isinstance(ds, ImageFiles) and ds is val:  # val's classes matched to train's by folder name
+                y = [train.classes.index(val.classes[label]) for label in y]
+            labels.append(torch.tensor(y))
+        return cls(args, device, *subsets, labels)
+
+    def describe(self):
+        return f"k=20, {self.sizes[0]} train / {self.sizes[1]} val images"
+
+    @torch.no_grad()
+    def features(self, encoder, split):
+        """The CLS features of this split's subset, all ranks' rows gathered back into subset order."""
+        n, mine = self.sizes[split == "val"], self.images[split]
+        feats = torch.cat([encoder(normalize(mine[i:i + 256].to(self.device).float() / 255)).float()
+                           for i in range(0, len(mine), 256)]) if mine is not None else None
+        if WORLD == 1:
+            return feats.cpu()
+        rows = -(-n // WORLD)  # ranks hold ceil or floor of n / WORLD rows: pad to the larger
+        padded = torch.zeros(rows, encoder.dim, device=self.device)
+        if feats is not None:
+            padded[:len(feats)] = feats
+        parts = [torch.empty_like(padded) for _ in range(WORLD)]
+        dist.all_gather(parts, padded)
+        return torch.stack(parts, dim=1).reshape(rows * WORLD, -1)[:n].cpu()  # row j of rank r is image j*WORLD + r
+
+    def accuracy(self, saved, online):
+        """saved: the method's encoders_to_save(); online: its encoder (for the shape and the online weights)."""
+        encoder = ViT(**online.config).to(self.device)
+        encoder.load_state_dict(saved["target_encoder"] if saved["default_encoder"] == "target" else online.state_dict())
+        encoder.eval()
+        with autocast(self.args):
+            train_f, val_f = self.features(encoder, "train"), self.features(encoder, "val")
+        train_y, val_y = self.labels
+        preds = knn_predict(train_f, train_y, val_f, 20, 0.07, int(max(train_y.max(), val_y.max())) + 1)
+        return 100.0 * (preds == val_y).float().mean().item()
+
+@torch.no_grad()
+def knn_predict(train_f, train_y, test_f, k=20, T=0.07, num_classes=None, chunk=512):
+    """Weighted kNN (Wu et al. 2018; DINO eval_knn): among the k training features most cosine-similar
+    to a test feature, class c scores sum_{i in top-k, y_i = c} exp(s_i / T); predict the argmax.
+    Returns (N_test,) predicted labels."""
+    num_classes = num_classes or int(train_y.max()) + 1
+    train_f, test_f = torch.nn.functional.normalize(train_f, dim=1), torch.nn.functional.normalize(test_f, dim=1)
+    preds = []
+    for start in range(0, len(test_f), chunk):
+        sims = test_f[start:start + chunk] @ train_f.T                      # (n, N_train) cosine similarities
+        top_s, top_i = sims.topk(min(k, len(train_f)), dim=1)               # (n, k)
+        votes = torch.zeros(len(sims), num_classes)
+        votes.scatter_add_(1, train_y[top_i], (top_s / T).exp())            # class score = sum of exp(s/T)
+        preds.append(votes.argmax(dim=1))
+    return torch.cat(preds)
+
+def save_labelled_grid(rows, labels, path, min_side=96):
+    """A PNG of rows of images ((n, 3, H, W) each, in [0, 1]) on rank 0, small images scaled up (nearest, so the
+    pixels stay visible) to at least min_side px, each row's label on its left. Every rank calls it: the forward
+    that made the rows may have gathered across ranks, so no rank may skip it."""
+    if RANK != 0:
+        return
+    from PIL import Image, ImageDraw  # torchvision depends on Pillow
+    scale = max(1, -(-min_side // rows[0].shape[-2]))
+    grid = torchvision.utils.make_grid(torch.cat(rows).float().clamp(0, 1), nrow=len(rows[0]), padding=1, pad_value=1.0)
+    grid = torch.nn.functional.interpolate(grid[None], scale_factor=scale, mode="nearest")[0]
+    picture = T.functional.to_pil_image(grid.cpu())
+    canvas = Image.new("RGB", (picture.width + 100, picture.height), "white")
+    canvas.paste(picture, (100, 0))
+    draw = ImageDraw.Draw(canvas)
+    for i, label in enumerate(labels):
+        draw.text((6, int((i + 0.5) * picture.height / len(rows)) - 6), label, fill="black")
+    canvas.save(path)
+
+def plot_curves(log_path):
+    """curves.png next to log.jsonl: the loss and the kNN accuracy against minutes (needs matplotlib, optional)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = [json.loads(line) for line in pathlib.Path(log_path).read_text().splitlines() if line.endswith("}")]
+    fig, (ax_loss, ax_knn) = plt.subplots(1, 2, figsize=(9, 3.2))
+    for ax, key, label in ((ax_loss, "train/loss", "training loss"), (ax_knn, "knn", "kNN top-1 (%)")):
+        points = [(r["minutes"], r[key]) for r in rows if key in r and "minutes" in r]
+        ax.plot(*zip(*points), marker="o" if key == "knn" else None) if points else None
+        ax.set(xlabel="minutes of training", ylabel=label, title=f"{METHOD}: {label}")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(os.path.dirname(log_path), "curves.png"), dpi=100)
+    plt.close(fig)
 
 # ---- benchmarks ----
 def timed(fn, n, device):
@@ -1065,9 +1332,46 @@ def run_data_benchmark(args, loader, device, views_fn):
     return r
 
 # ---- entry point ----
-if __name__ == "__main__":
+class ClosedPipeSafe:
+    """stdout / stderr that outlive a closed pipe: when `| tee log` or `| head` ends first (Ctrl-C reaches the whole
+    pipeline), writing raises BrokenPipeError; the output then goes to /dev/null and the run still saves its checkpoint."""
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except OSError:  # BrokenPipeError, or a terminal that went away
+            self.to_devnull()
+            return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except OSError:
+            self.to_devnull()
+
+    def to_devnull(self):
+        try:  # the file descriptor itself, so that Python's own flush at exit finds nothing wrong either
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+        except (OSError, ValueError):
+            self.stream = open(os.devnull, "w")
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+def main(entry):
+    """Run entry(); a DataError or a Ctrl-C ends it with one line (under torchrun: rank 0's, or the rank whose image failed)."""
+    sys.stdout, sys.stderr = ClosedPipeSafe(sys.stdout), ClosedPipeSafe(sys.stderr)
+    first = os.environ.get("RANK", "0") == "0"  # before the process group exists, every rank meets the same error
     try:
-        train(parse_args())
+        entry()
     except DataError as e:
-        sys.exit("error: " + error_line(e))
+        sys.exit("error: " + error_line(e) if first or isinstance(e, BadImage) else 1)
+    except KeyboardInterrupt:  # Ctrl-C during start-up (before the handlers that save), or a second Ctrl-C
+        sys.exit("interrupted (Ctrl-C): stopped before a checkpoint of the current step was written; "
+                 "the last saved checkpoint, if any, is kept" if first else 130)
+
+if __name__ == "__main__":
+    main(lambda: train(parse_args()))
 # ==== end SHARED ====

@@ -62,12 +62,13 @@ def test_msn_lr_warms_up_from_a_fifth_of_the_peak_to_the_official_final_lr(tmp_p
                     batch_size=16, steps=8, warmup_epochs=4, epochs=8, num_workers=0, log_every=1,
                     out_dir=str(tmp_path), run_name="lr", blr=1e-3)
     msn.train(args)
-    lrs = [json.loads(line)["train/lr"] for line in open(tmp_path / "lr" / "log.jsonl")]
+    lrs = [json.loads(line)["train/lr"] for line in open(tmp_path / "lr" / "log.jsonl") if "train/lr" in line]
     peak = 1e-3 * 16 / 256
     warmup = 4  # 4 of 8 epochs, capped at half the run = 4 steps
-    assert lrs[0] == pytest.approx(0.2 * peak)                        # step 0: start_lr = 0.2 x peak
-    assert lrs[2] == pytest.approx(peak * (0.2 + 0.8 * 2 / warmup))   # linear from there
-    assert lrs[4] == pytest.approx(2.5e-7 + (peak - 2.5e-7) * 0.5 * (1 + math.cos(0)))  # the peak
+    # the official scheduler steps before its first use: step 0 trains at the schedule's step 1 (2.2e-4 at lr 1e-3)
+    assert lrs[0] == pytest.approx(peak * (0.2 + 0.8 * 1 / warmup))   # start_lr = 0.2 x peak, one step on
+    assert lrs[2] == pytest.approx(peak * (0.2 + 0.8 * 3 / warmup))   # linear from there
+    assert lrs[3] == pytest.approx(2.5e-7 + (peak - 2.5e-7) * 0.5 * (1 + math.cos(0)))  # the peak
     assert all(lr > 2.5e-7 for lr in lrs)
 
 

@@ -37,11 +37,11 @@ def test_loss_is_small_when_each_query_matches_its_key():
 
 def test_no_gradient_reaches_the_momentum_encoder():
     model = small_moco()
-    loss, q1 = model(torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32))
+    loss, (q1, q2, k1, k2) = model(torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32))
     loss.backward()
     assert all(p.grad is None and not p.requires_grad for p in model.momentum_parameters())
     assert all(p.grad is not None for p in model.encoder.parameters() if p.requires_grad)
-    assert q1.shape == (8, 16)
+    assert q1.shape == q2.shape == k1.shape == k2.shape == (8, 16) and not k1.requires_grad
 
 
 def test_momentum_update_math():

@@ -116,7 +116,7 @@ def test_optimizer_groups_and_weight_decay_schedule(tmp_path):
                     batch_size=16, steps=4, num_workers=0, out_dir=str(tmp_path), run_name="wd")
     ckpt = torch.load(msn.train(args), weights_only=True)
     wd = ckpt["optimizer"]["param_groups"][0]["weight_decay"]
-    h = (3 / 4) / 1.25  # the last step ran at progress 3/4 of the run, on the 1.25x horizon
+    h = (4 / 4) / 1.25  # the last step (3 of 0..3) ran at the schedule's step 4 (one ahead, as officially), 1.25x horizon
     assert wd == pytest.approx(0.4 + (0.04 - 0.4) * 0.5 * (1 + math.cos(math.pi * h)))
     assert ckpt["default_encoder"] == "target" and "target_encoder" in ckpt
 
@@ -127,7 +127,7 @@ def test_imagenet_recipe_on_a_folder_of_224px_images(tmp_path, cli):
     for i in range(4):
         Image.new("RGB", (256, 224), (40 * i, 90, 160)).save(folder / f"{i}.jpg")
     out = cli("msn.py", "--data", str(tmp_path / "big"), "--device", "cpu", "--model-dims", "32,1,2", "--batch-size",
-              "4", "--steps", "1", "--focal-views", "2", "--hidden-dim", "32", "--num-prototypes", "8",
+              "4", "--steps", "1", "--focal-views", "2", "--hidden-dim", "32", "--num-prototypes", "8", "--recipe", "imagenet",
               "--num-workers", "0", "--out-dir", str(tmp_path), "--run-name", "run").stdout
     assert "recipe imagenet" in out and "/16 at 224 px" in out
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
