@@ -34,11 +34,16 @@ Deviations and transcription errors (REFERENCE §4.6)
   - lr: the official lr is absolute (5e-4 at batch 2048, code default); here it is written as
     blr = 5e-4 x 256 / 2048 = 6.25e-5 and scaled by batch / 256 like the other files. The official
     min_lr 1e-5 is scaled the same way (1.25e-6 at batch 256, --min-lr), keeping its ratio to the peak.
+    The warm-up is the official linspace(0, lr, W): the peak comes at step W - 1.
   - Initialisation: the projector and the [mask] token as officially (trunc-normal 0.02, cut at
     +-0.02); the backbone keeps vit.py's MAE scheme (official BEiT: trunc-normal 0.02 with each
     block's output layers divided by sqrt(2 x layer)).
   - One GPU: batch 256. CIFAR-10 recipe (our choice): ViT-Tiny, patch 4, 32 px, so each image's
     dictionary holds 64 patches instead of 196. Blur kernel and sigma scaled to the image size.
+  - CPU recipe (--recipe cpu; what --recipe auto picks without a GPU, README "I only have a laptop"):
+    a ViT 128 wide, 4 deep (4 heads) at 32 px, a projector 512 wide, batch 128, blr 6e-4, slow-model
+    momentum 0.99 rising to 1, 2.5 epochs with 0.3 of warm-up: about 15 minutes on 2 cores, where
+    the paper trains ViT-B/16 for 800 epochs at batch 2048.
   - Views are made in two halves (README "Input pipeline"): the data workers decode, cut the crop at
     the photograph's own resolution, flip it and draw its colour parameters under the sample's own
     seed; the device resamples each crop (bicubic, antialiased: resample(), within a few grey levels
@@ -304,8 +309,8 @@ class Args:
     """training resolution in pixels (recipe: 32 for CIFAR-10, 224 for ImageNet)"""
     patch_size: int | None = None
     """patch size in pixels; must divide img-size (recipe: 4 at 32 px, 16 at 224 px)"""
-    epochs: int | None = None
-    """passes over the training set"""
+    epochs: float | None = None
+    """passes over the training set (a fraction is allowed, e.g. 1.5)"""
     steps: int = 0
     """total optimizer steps; if set, overrides --epochs and the schedule is compressed into these steps"""
     batch_size: int | None = None
@@ -381,7 +386,7 @@ RECIPES = {
                      min_lr=1.25e-6, weight_decay=0.05, warmup_epochs=10,
                      momentum=0.996, mlp_dim=4096, proj_dim=256),
     # a laptop (picked by --recipe auto on the CPU): about 15 minutes on 2 cores, measured in README.md
-    "cpu": dict(model="128,4,4", img_size=32, patch_size=4, epochs=3, batch_size=128, blr=6e-4, min_lr=1.25e-6,
+    "cpu": dict(model="128,4,4", img_size=32, patch_size=4, epochs=2.5, batch_size=128, blr=6e-4, min_lr=1.25e-6,
                 weight_decay=0.05, warmup_epochs=0.3, momentum=0.99, mlp_dim=512, proj_dim=256),
 }
 
@@ -1002,7 +1007,7 @@ class Run:
             num_workers=args.num_workers, pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0,
             worker_init_fn=worker_ignores_signals,
             generator=torch.Generator().manual_seed(args.seed))  # its own generator: the global RNG (masks) is untouched
-        self.total_steps = args.steps or args.epochs * self.steps_per_epoch
+        self.total_steps = args.steps or max(1, round(args.epochs * self.steps_per_epoch))
         warmup = round(self.total_steps * args.warmup_epochs / args.epochs)
         self.warmup_capped = warmup > self.total_steps // 2  # e.g. --epochs 5 with a 10-epoch warm-up: the lr
         self.warmup_steps = min(warmup, self.total_steps // 2)  # would never peak
@@ -1241,7 +1246,8 @@ class KnnMonitor:
         self.images = {}
         for split, ds in (("train", train), ("val", val)):
             mine = torch.utils.data.Subset(ds, list(range(RANK, len(ds), WORLD)))
-            loader = torch.utils.data.DataLoader(mine, batch_size=256, num_workers=min(args.num_workers, 4))
+            workers = min(args.num_workers, 4) if len(mine) > 2000 else 0  # starting workers costs more than a few images
+            loader = torch.utils.data.DataLoader(mine, batch_size=256, num_workers=workers)
             self.images[split] = torch.cat([x for x, _ in loader]) if len(mine) else None
         self.labels = labels  # (train labels, val labels) of the whole subsets
 

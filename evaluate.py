@@ -11,39 +11,68 @@ evaluate.py: every evaluation protocol the seeds name, for any checkpoint a meth
 
 The encoder's shape comes from the checkpoint (its "encoder_config"); --encoder picks the weights
 where a method keeps two (online / target, REFERENCE §8; the default is the one the method's
-official code evaluates). Frozen features are computed once, from centre crops without
+official code evaluates). Frozen features are computed once per read-out, from centre crops without
 augmentation, for the train split and the val (or test) split of --data, and shared by:
 
-  knn       weighted k-NN on L2-normalised features (DINO / InstDisc, REFERENCE §8.2): the k = 20
-            nearest training features by cosine similarity s vote for their class with weight
-            exp(s / T), T = 0.07; k = 10 and 200 are reported too.
-  linear    a linear probe in the MAE style (REFERENCE §8.1): BatchNorm without affine parameters
-            (eps 1e-6), then Linear, trained with SGD on the frozen features.
-  fewshot   label efficiency, the MSN protocol (REFERENCE §8.3): 1, 2 and 5 labelled images per
-            class and 1% and 10% of the labels, three fixed random subsets each (saved as files
-            under --subsets-dir, so every checkpoint sees the same images); features centred and
-            L2-normalised; multinomial logistic regression with an L2 penalty and no intercept,
-            fitted full-batch with L-BFGS. Reported as mean and std over the three subsets.
-  kmeans    clustering: k-means (k = number of classes, k-means++ seeding, best of 3 restarts) on
-            the L2-normalised features of the val split; NMI and ARI against the labels.
-  tsne      a PNG scatter of a t-SNE embedding of 2,000 val features coloured by class; needs the
-            optional scikit-learn and matplotlib (skipped with a message when they are missing).
-  finetune  the MAE fine-tuning recipe (REFERENCE §8.4) on the images: mean pooling and a fresh
-            LayerNorm, AdamW, layer-wise lr decay (0.65 for base, 0.75 otherwise), drop-path,
-            mixup / cutmix, label smoothing, RandAugment, random erasing, warm-up and cosine; bf16
-            and torch.compile on CUDA; checkpoints every --save-minutes and --resume.
+  knn        weighted k-NN on L2-normalised features (DINO's eval_knn.py, InstDisc; none of the seven
+             repositories has one): the k = 20 nearest training features by cosine similarity s vote
+             for their class with weight exp(s / T), T = 0.07; k = 10 and 200 are reported too.
+  linear     MAE's linear probe (main_linprobe.py): BatchNorm without affine parameters (eps 1e-6),
+             then Linear (trunc-normal 0.01). Two recipes:
+             --linear-recipe fast (default): on the cached centre-crop features, SGD momentum 0.9,
+               base lr 0.1 x batch / 256, batch 1,024, 100 epochs, cosine, no warm-up, no weight decay,
+               the last epoch's accuracy. Seconds instead of hours; not MAE's numbers.
+             --linear-recipe official: MAE's recipe on the images: RandomResizedCrop (bicubic) + flip
+               every epoch, LARS (trust 0.001, momentum 0.9, our own short optimizer, as MAE's
+               util/lars.py), base lr 0.1 x batch / 256, batch 16,384 by gradient accumulation over
+               --batch-size chunks (each chunk's BatchNorm statistics its own, as MAE's accum_iter),
+               10 warm-up epochs, 90 epochs, wd 0. Reports the last epoch's accuracy and, labelled as
+               selected on the evaluation set, the best (MAE prints the best).
+  fewshot    label efficiency, MSN's logistic_eval.py (REFERENCE §8.3): 1, 2 and 5 labelled images per
+             class and 1% and 10% of the labels, three fixed random subsets each (saved under
+             --subsets-dir, so every checkpoint sees the same images), or MSN's own subset lists
+             (--subsets FILE ...). MSN's read-out (the last block's CLS before the final norm,
+             --fewshot-pool cls-prenorm) and resize (bilinear, 256 -> crop 224); cyanure's
+             preprocess(normalize=True, columns=False, centering=True): each feature row minus its
+             own mean, then L2-normalised, on the labelled and the test features separately;
+             multinomial logistic regression, L2 penalty lambda = 2.5e-4 / n, no intercept. Fitted
+             full-batch with torch's L-BFGS instead of cyanure: the objective and lambda are MSN's,
+             and the optimum matches cyanure's (REFERENCE §8.3). Mean and std over the subsets.
+  kmeans     clustering: k-means (k = number of classes, k-means++ seeding, best of 3 restarts) on
+             the L2-normalised val features; NMI and ARI against the labels (scikit-learn's
+             definitions, computed here).
+  tsne       a PNG scatter of a t-SNE embedding of 2,000 val features coloured by class, with a
+             legend; needs the optional scikit-learn and matplotlib (skipped with a message).
+  finetune   MAE's fine-tuning recipe (main_finetune.py, REFERENCE §8.4) on the images: mean pooling
+             and a fresh LayerNorm, the position table trained from the checkpoint's, AdamW,
+             layer-wise lr decay (0.65 for base, 0.75 otherwise), drop-path, mixup / cutmix, label
+             smoothing, RandAugment, random erasing, warm-up and cosine; bf16 and torch.compile on
+             CUDA; checkpoints every --save-minutes and --resume.
+  pretext    the method's own objective on --pretext-images val images it did not train on, views
+             and masks from fixed seeds, through the method file named in the checkpoint (its
+             build_model() and pretext_metrics()): the loss, and what each method can read off it
+             (MoCo v3: how often the positive key ranks first; MSN: how often an anchor and its
+             target pick the same prototype; SimSiam: the collapse monitor; CMAE: both terms); MAE
+             and CMAE also draw their reconstructions of 8 of those images.
+  robustness kNN and linear top-1 on the val images under common corruptions (Hendrycks & Dietterich
+             2019), built from torch / torchvision / PIL ops: Gaussian noise, Gaussian blur,
+             contrast, brightness, JPEG, pixelation, severities 1 to 5 (ImageNet-C's levels; the
+             blur's sigma is CIFAR-10-C's scaled with the image, the pixelation is in blocks of 2 to
+             6 pixels), against the clean training features, and the mean relative to clean.
+             Not the published ImageNet-C / CIFAR-10-C files: the same kinds of damage, made here.
+  --transfer-data PATH  generalisation: kNN and linear probe of the same frozen encoder on another
+             labelled data set.
 
+Every checkpoint a method file wrote records what its training cost (wall-clock, device-hours,
+steps, images, img/s, peak memory); it is printed before the accuracies and shown in the table.
 --random-init evaluates an untrained encoder of the same shape: every self-supervised number must
 beat it. Results print as a Markdown table and are written as JSON (and, for several checkpoints or
 several protocols, a Markdown file) next to the checkpoint.
 
-Deviations from the official protocols: the linear probe trains on cached centre-crop features (no
-random-resized-crop augmentation, SGD with momentum instead of LARS), so it runs in seconds; the
-few-shot regression is our own torch L-BFGS, not cyanure, so its lambda has no numerical parity
-with MSN's; fine-tuning draws RandAugment from torchvision (fixed magnitude 9, no magnitude noise)
-and mixup / cutmix from our own 15 lines (timm's defaults: one of the two per batch, p = 0.5 each).
-These numbers are a consistent yardstick for comparing checkpoints here, not a reproduction of the
-papers' protocols at their scale.
+Other differences from the official protocols: fine-tuning draws RandAugment from torchvision (fixed
+magnitude 9, no magnitude noise) and mixup / cutmix from our own 15 lines (timm's defaults: one of
+the two per batch, p = 0.5 each). These numbers are a consistent yardstick for comparing checkpoints
+here; at the papers' scale the official recipes (--linear-recipe official, --subsets) apply.
 """
 # ---------------------------------------------------------------- imports
 import argparse
@@ -166,7 +195,7 @@ class Args:
     compile: bool | None = None
     """torch.compile the fine-tuned model (auto: on with CUDA, off on CPU)"""
     resume: bool = False
-    """continue an interrupted fine-tuning from its finetune-*.pt next to the results"""
+    """continue an interrupted fine-tuning from its eval-<encoder>-<pool>[-random]-finetune.pt next to the checkpoint"""
     stop_after: int = 0
     """end fine-tuning after this many steps, saving its checkpoint (the schedule still spans all epochs); continue with --resume"""
     save_minutes: float = 10.0
@@ -186,7 +215,7 @@ class Args:
     num_workers: int = min(8, os.cpu_count() or 1)
     """data-loading processes"""
     out: str = ""
-    """where to write the JSON results (default: next to the checkpoint, eval-<encoder>-<pool>[-random].json; for several checkpoints, runs/compare-<time>.json); a Markdown table goes next to it"""
+    """where to write the JSON results (default: next to the checkpoint, eval-<encoder>-<pool>[-random].json; for several checkpoints, runs/compare-<time>.json); when several checkpoints or more than two protocols are compared, a Markdown table (.md) goes next to it"""
 
 
 PAPER = {}  # the method files' published values of their flags; here each protocol's help names its source

@@ -48,6 +48,11 @@ Deviations from the paper
     in eval mode so that samples do not couple, and gradients w.r.t. one block's parameters at a time.
   - CIFAR-10 recipe (our choice, no official one): the MAE checkpoint's ViT, 100 epochs of step 2
     (the seed's Tab. 1 length), batch 256.
+  - CPU recipe (--recipe cpu; what --recipe auto picks without a GPU, README "I only have a laptop"):
+    step 2 on the checkpoint of mae.py's CPU recipe (a ViT 128 wide, 6 deep), MLP heads 1,024 wide,
+    batch 128, blr 1.5e-3, momentum 0.99, crops of at least 20% of the image, 1 epoch with 0.1 of
+    warm-up: about 15 minutes on 2 cores after MAE's, where the paper runs 300 epochs of step 2 on
+    ViT-B/16 at batch 4096.
   - Views are made in two halves (README "Input pipeline"): the data workers decode, crop and flip
     each image and draw its colour parameters under the sample's own seed; the device applies colour
     jitter, grayscale, blur and solarize to the whole batch (colour_augment(), device_views()), from
@@ -96,7 +101,8 @@ def train_transform(args):
     jitter (0.4, 0.4, 0.2, 0.1) with p 0.8, grayscale 0.2; view 1 always blurred; view 2 blurred with
     p 0.1 and solarised with p 0.2. --mode mtl adds a third, minimally augmented view for the MIM
     loss: MAE's crop (0.2, 1), bicubic, and flip, no colour."""
-    crop = T.Compose([T.RandomResizedCrop(args.img_size, scale=(0.08, 1.0)), T.RandomHorizontalFlip(), T.PILToTensor()])
+    crop = T.Compose([T.RandomResizedCrop(args.img_size, scale=(args.crop_min_scale, 1.0)), T.RandomHorizontalFlip(),
+                      T.PILToTensor()])
     if args.mode == "graft":
         return CropViews(args.img_size, [crop, crop], [Colour(**c) for c in MOCO_COLOURS])
     minimal = T.Compose([
@@ -477,7 +483,10 @@ def load_for_analysis(path, args):
 def analyze_gradients(args):
     """Measure C_MIM,CL(x) per sample and per block on --analyze-samples images of --data; print a
     table (mean, std, fraction below 0 per block), write gradient_conflict.json and a box plot PNG
-    next to the checkpoint."""
+    next to the checkpoint. One process measures: under torchrun the other ranks end at once (the analysis
+    uses no collective, so none waits for them)."""
+    if os.environ.get("RANK", "0") != "0":
+        return None
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DataError("--device cuda was asked for but no GPU is visible; use --device cpu")
@@ -546,9 +555,12 @@ def box_plot(values, path, title):
     draw.text((left, 6), "cos(grad L_MIM, grad L_CL) per sample; box: quartiles, whiskers: 5-95%, dot: mean", fill="black")
     draw.text((left, 22), title, fill="black")
     draw.line([(left, top), (left, H - bottom), (W - right, H - bottom)], fill="black")
-    for t in torch.linspace(lo, hi, 6).tolist():
+    raw = (hi - lo) / 5  # ticks at round multiples of a 1, 2 or 5 step, so 0 is one of them
+    step = min(m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10) if m * 10 ** math.floor(math.log10(raw)) >= raw)
+    for k in range(math.ceil(lo / step), math.floor(hi / step) + 1):
+        t = k * step
         draw.line([(left - 4, y(t)), (left, y(t))], fill="black")
-        draw.text((4, y(t) - 6), f"{t:+.2f}", fill="black")
+        draw.text((4, y(t) - 6), f"{t:+.2g}" if t else "0", fill="black")
     for x0 in range(left, W - right, 8):  # C = 0
         draw.line([(x0, y(0)), (x0 + 4, y(0))], fill="gray")
     q = torch.quantile(values.float(), torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95]), dim=0)  # (5, n_cols)
@@ -589,8 +601,8 @@ class Args:
     """training resolution in pixels (recipe: 32 for CIFAR-10, 224 for ImageNet)"""
     patch_size: int | None = None
     """patch size in pixels; must divide img-size (recipe: 4 at 32 px, 16 at 224 px)"""
-    epochs: int | None = None
-    """passes over the training set"""
+    epochs: float | None = None
+    """passes over the training set (a fraction is allowed, e.g. 1.5)"""
     steps: int = 0
     """total optimizer steps; if set, overrides --epochs and the schedule is compressed into these steps"""
     batch_size: int | None = None
@@ -660,6 +672,8 @@ class Args:
     """hidden width of the projection and prediction MLPs (MoCo v3: 4096)"""
     freeze_patch_embed: bool = True
     """keep the patch embedding fixed, at its MAE values when grafting (official --stop-grad-conv1); --no-freeze-patch-embed trains it"""
+    crop_min_scale: float | None = None
+    """smallest area of a random resized crop, as a fraction of the image (paper: 0.08; the CPU recipe's 32-px crops use 0.2, SimSiam's CIFAR-10 value)"""
     mask_ratio: float = 0.75
     """MIM loss of --mode mtl and --analyze-gradients: fraction of patches removed (MAE: 0.75)"""
     norm_pix_loss: bool = True
@@ -681,16 +695,16 @@ RECIPES = {
     # our small-data recipe (no official CIFAR-10 run): 100 epochs of step 2, as the seed's Tab. 1
     "cifar10": dict(model="tiny", img_size=32, patch_size=4, epochs=100, batch_size=256, blr=1.5e-4,
                     min_lr=0.0, weight_decay=0.1, warmup_epochs=10, decoder_dim=256, decoder_depth=4, decoder_heads=8,
-                    momentum=0.99, proj_dim=256, mlp_dim=4096),
+                    momentum=0.99, proj_dim=256, mlp_dim=4096, crop_min_scale=0.08),
     # the official ViT-B run (cmds/shell_scripts/pretrain.sh: 300 epochs, 40 warm-up, wd 0.1, top lr
     # 1.5e-4 x batch / 256), at batch 256 on one GPU
     "imagenet": dict(model="base", img_size=224, patch_size=16, epochs=300, batch_size=256, blr=1.5e-4,
                      min_lr=0.0, weight_decay=0.1, warmup_epochs=40, decoder_dim=512, decoder_depth=8, decoder_heads=16,
-                     momentum=0.99, proj_dim=256, mlp_dim=4096),
+                     momentum=0.99, proj_dim=256, mlp_dim=4096, crop_min_scale=0.08),
     # a laptop (picked by --recipe auto on the CPU): step 2 on top of mae.py's CPU run, about 15 minutes on 2 cores
-    "cpu": dict(model="192,6,3", img_size=32, patch_size=4, epochs=1, batch_size=128, blr=1.5e-3, min_lr=0.0,
+    "cpu": dict(model="128,6,4", img_size=32, patch_size=4, epochs=1, batch_size=128, blr=1.5e-3, min_lr=0.0,
                 weight_decay=0.1, warmup_epochs=0.1, decoder_dim=128, decoder_depth=2, decoder_heads=4, momentum=0.99,
-                proj_dim=256, mlp_dim=1024),
+                proj_dim=256, mlp_dim=1024, crop_min_scale=0.2),
 }
 
 # The paper's values of the shared flags (--help shows them): step 2 of the official ViT-B run (pretrain.sh)
@@ -1321,7 +1335,7 @@ class Run:
             num_workers=args.num_workers, pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0,
             worker_init_fn=worker_ignores_signals,
             generator=torch.Generator().manual_seed(args.seed))  # its own generator: the global RNG (masks) is untouched
-        self.total_steps = args.steps or args.epochs * self.steps_per_epoch
+        self.total_steps = args.steps or max(1, round(args.epochs * self.steps_per_epoch))
         warmup = round(self.total_steps * args.warmup_epochs / args.epochs)
         self.warmup_capped = warmup > self.total_steps // 2  # e.g. --epochs 5 with a 10-epoch warm-up: the lr
         self.warmup_steps = min(warmup, self.total_steps // 2)  # would never peak
@@ -1560,7 +1574,8 @@ class KnnMonitor:
         self.images = {}
         for split, ds in (("train", train), ("val", val)):
             mine = torch.utils.data.Subset(ds, list(range(RANK, len(ds), WORLD)))
-            loader = torch.utils.data.DataLoader(mine, batch_size=256, num_workers=min(args.num_workers, 4))
+            workers = min(args.num_workers, 4) if len(mine) > 2000 else 0  # starting workers costs more than a few images
+            loader = torch.utils.data.DataLoader(mine, batch_size=256, num_workers=workers)
             self.images[split] = torch.cat([x for x, _ in loader]) if len(mine) else None
         self.labels = labels  # (train labels, val labels) of the whole subsets
 

@@ -38,6 +38,11 @@ Deviations from the paper
     one; evaluate.py --weights always uses the weights file's own table.
   - CIFAR-10 recipe (our choice, no official one): ViT-Tiny, patch 4, 200 epochs. Gaussian blur
     kernel about 10% of the side and sigma scaled by img_size / 224, the same relative blur as at 224.
+  - CPU recipe (--recipe cpu; what --recipe auto picks without a GPU, README "I only have a laptop"):
+    a ViT 128 wide, 4 deep (4 heads) at 32 px, MLP heads 1,024 wide, batch 128, blr 2e-3, 1.5 epochs
+    with 0.2 of warm-up, crops of at least 20% of the image (--crop-min-scale; 8% in the paper, 20%
+    is SimSiam's CIFAR-10 value): about 15 minutes on 2 cores, where the paper trains ViT-S/B for
+    300 epochs at batch 4096.
   - The backbones run both views in one batch (a ViT has no BatchNorm, so the result is the same);
     the MLP heads see each view on its own, so their BN statistics stay per view as officially.
   - Views are made in two halves (README "Input pipeline"): the data workers decode, crop and flip
@@ -81,7 +86,8 @@ def train_transform(args):
     """BYOL's asymmetric pair, as in MoCo v3 (main_moco.py): both views get a random resized crop
     (0.08, 1) and a flip here, per image; on the device, colour jitter (0.4, 0.4, 0.2, 0.1) with p 0.8
     and grayscale 0.2; view 1 is always blurred; view 2 is blurred with p 0.1 and solarised with p 0.2."""
-    crop = T.Compose([T.RandomResizedCrop(args.img_size, scale=(0.08, 1.0)), T.RandomHorizontalFlip(), T.PILToTensor()])
+    crop = T.Compose([T.RandomResizedCrop(args.img_size, scale=(args.crop_min_scale, 1.0)), T.RandomHorizontalFlip(),
+                      T.PILToTensor()])
     return CropViews(args.img_size, [crop, crop], [Colour(**c) for c in MOCO_COLOURS])
 
 
@@ -253,8 +259,8 @@ class Args:
     """training resolution in pixels (recipe: 32 for CIFAR-10, 224 for ImageNet)"""
     patch_size: int | None = None
     """patch size in pixels; must divide img-size (recipe: 4 at 32 px, 16 at 224 px)"""
-    epochs: int | None = None
-    """passes over the training set"""
+    epochs: float | None = None
+    """passes over the training set (a fraction is allowed, e.g. 1.5)"""
     steps: int = 0
     """total optimizer steps; if set, overrides --epochs and the schedule is compressed into these steps"""
     batch_size: int | None = None
@@ -314,20 +320,22 @@ class Args:
     """hidden width of the projection and prediction MLPs (paper: 4096)"""
     freeze_patch_embed: bool = True
     """keep the random patch projection fixed (paper Sec. 4.2, official --stop-grad-conv1); --no-freeze-patch-embed trains it"""
+    crop_min_scale: float | None = None
+    """smallest area of a random resized crop, as a fraction of the image (paper: 0.08; the CPU recipe's 32-px crops use 0.2, SimSiam's CIFAR-10 value)"""
 
 # Hyper-parameter presets. A field left at None above is filled from the recipe.
 RECIPES = {
     # our small-data recipe (no official CIFAR-10 MoCo v3 exists)
     "cifar10": dict(model="tiny", img_size=32, patch_size=4, epochs=200, batch_size=256, blr=1.5e-4,
                     min_lr=0.0, weight_decay=0.1, warmup_epochs=10,
-                    momentum=0.99, proj_dim=256, mlp_dim=4096),
+                    momentum=0.99, proj_dim=256, mlp_dim=4096, crop_min_scale=0.08),
     # the paper's ViT-S recipe (CONFIG.md: 300 epochs, 40 warm-up, wd 0.1), at batch 256 on one GPU
     "imagenet": dict(model="small", img_size=224, patch_size=16, epochs=300, batch_size=256, blr=1.5e-4,
                      min_lr=0.0, weight_decay=0.1, warmup_epochs=40,
-                     momentum=0.99, proj_dim=256, mlp_dim=4096),
+                     momentum=0.99, proj_dim=256, mlp_dim=4096, crop_min_scale=0.08),
     # a laptop (picked by --recipe auto on the CPU): about 15 minutes on 2 cores, measured in README.md
-    "cpu": dict(model="128,4,4", img_size=32, patch_size=4, epochs=2, batch_size=128, blr=2e-3, min_lr=0.0,
-                weight_decay=0.1, warmup_epochs=0.2, momentum=0.99, proj_dim=256, mlp_dim=1024),
+    "cpu": dict(model="128,4,4", img_size=32, patch_size=4, epochs=1.5, batch_size=128, blr=2e-3, min_lr=0.0,
+                weight_decay=0.1, warmup_epochs=0.2, momentum=0.99, proj_dim=256, mlp_dim=1024, crop_min_scale=0.2),
 }
 
 # The paper's values of the shared flags (--help shows them): the ViT recipe of CONFIG.md
@@ -936,7 +944,7 @@ class Run:
             num_workers=args.num_workers, pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0,
             worker_init_fn=worker_ignores_signals,
             generator=torch.Generator().manual_seed(args.seed))  # its own generator: the global RNG (masks) is untouched
-        self.total_steps = args.steps or args.epochs * self.steps_per_epoch
+        self.total_steps = args.steps or max(1, round(args.epochs * self.steps_per_epoch))
         warmup = round(self.total_steps * args.warmup_epochs / args.epochs)
         self.warmup_capped = warmup > self.total_steps // 2  # e.g. --epochs 5 with a 10-epoch warm-up: the lr
         self.warmup_steps = min(warmup, self.total_steps // 2)  # would never peak
@@ -1175,7 +1183,8 @@ class KnnMonitor:
         self.images = {}
         for split, ds in (("train", train), ("val", val)):
             mine = torch.utils.data.Subset(ds, list(range(RANK, len(ds), WORLD)))
-            loader = torch.utils.data.DataLoader(mine, batch_size=256, num_workers=min(args.num_workers, 4))
+            workers = min(args.num_workers, 4) if len(mine) > 2000 else 0  # starting workers costs more than a few images
+            loader = torch.utils.data.DataLoader(mine, batch_size=256, num_workers=workers)
             self.images[split] = torch.cat([x for x, _ in loader]) if len(mine) else None
         self.labels = labels  # (train labels, val labels) of the whole subsets
 

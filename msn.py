@@ -39,11 +39,18 @@ Deviations and notes (REFERENCE §2.6)
   - lr: official 1e-3 absolute at batch 1024; written here as blr = 2.5e-4, scaled by batch / 256.
     As in the official WarmupCosineSchedule the warm-up starts at 0.2x the peak (start_lr 2e-4,
     --warmup-start) and the cosine ends at the official final_lr 1e-6, scaled the same way to
-    2.5e-7 at batch 256 (--min-lr). One GPU: batch 256.
+    2.5e-7 at batch 256 (--min-lr). One GPU: batch 256. The official schedulers are stepped before
+    their first use, so step t trains at the schedule's step t + 1 (2.2e-4 at the first step); the
+    lr and weight decay here do the same, the momentum (stepped after the update) does not.
   - Initialisation: the projection head as the official init_model (trunc-normal 0.02, zero
     biases); the ViT keeps the shared MAE scheme of vit.py (official: trunc-normal 0.02 there too).
   - CIFAR-10 recipe (our choice): ViT-Tiny, patch 4, 32-px target and random anchor, 16-px focal
     views (a 4x4 grid, as 96 px is a 6x6 grid at patch 16), 200 epochs. Blur scaled to the image size.
+  - CPU recipe (--recipe cpu; what --recipe auto picks without a GPU, README "I only have a laptop"):
+    a ViT 128 wide, 4 deep (4 heads) at 32 px, 2 focal views of 16 px instead of 10, a head 512
+    wide into 128 dimensions, 256 prototypes, batch 128, blr 1e-3, momentum 0.99 rising to 1, 2
+    epochs with 0.2 of warm-up: about 15 minutes on 2 cores, where the official config trains
+    ViT-S/16 with 1,024 prototypes for 800 epochs at batch 1024.
   - Views are made in two halves (README "Input pipeline"): the data workers decode, crop and flip
     each image and draw its colour parameters under the sample's own seed; the device applies colour
     jitter, grayscale, blur and solarize to the whole batch (colour_augment(), device_views()), from
@@ -306,8 +313,8 @@ class Args:
     """training resolution in pixels (recipe: 32 for CIFAR-10, 224 for ImageNet)"""
     patch_size: int | None = None
     """patch size in pixels; must divide img-size (recipe: 4 at 32 px, 16 at 224 px)"""
-    epochs: int | None = None
-    """passes over the training set"""
+    epochs: float | None = None
+    """passes over the training set (a fraction is allowed, e.g. 1.5)"""
     steps: int = 0
     """total optimizer steps; if set, overrides --epochs and the schedule is compressed into these steps"""
     batch_size: int | None = None
@@ -1025,7 +1032,7 @@ class Run:
             num_workers=args.num_workers, pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0,
             worker_init_fn=worker_ignores_signals,
             generator=torch.Generator().manual_seed(args.seed))  # its own generator: the global RNG (masks) is untouched
-        self.total_steps = args.steps or args.epochs * self.steps_per_epoch
+        self.total_steps = args.steps or max(1, round(args.epochs * self.steps_per_epoch))
         warmup = round(self.total_steps * args.warmup_epochs / args.epochs)
         self.warmup_capped = warmup > self.total_steps // 2  # e.g. --epochs 5 with a 10-epoch warm-up: the lr
         self.warmup_steps = min(warmup, self.total_steps // 2)  # would never peak
@@ -1264,7 +1271,8 @@ class KnnMonitor:
         self.images = {}
         for split, ds in (("train", train), ("val", val)):
             mine = torch.utils.data.Subset(ds, list(range(RANK, len(ds), WORLD)))
-            loader = torch.utils.data.DataLoader(mine, batch_size=256, num_workers=min(args.num_workers, 4))
+            workers = min(args.num_workers, 4) if len(mine) > 2000 else 0  # starting workers costs more than a few images
+            loader = torch.utils.data.DataLoader(mine, batch_size=256, num_workers=workers)
             self.images[split] = torch.cat([x for x, _ in loader]) if len(mine) else None
         self.labels = labels  # (train labels, val labels) of the whole subsets
 

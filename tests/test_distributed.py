@@ -135,3 +135,12 @@ def test_sampler_splits_each_global_batch_in_rank_order():
     for s in ranks:
         s.set_epoch(0, skip=8)  # resumed after one global batch
     assert [list(s) for s in ranks] == [parts[0][4:], parts[1][4:]]
+
+
+def test_an_error_every_rank_meets_is_printed_once(tmp_path):
+    """A bad --data fails on every rank before the process group exists: one `error:` line, not one per rank."""
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "mae.py", "--data",
+            str(tmp_path / "missing"), "--device", "cpu", "--num-workers", "0", "--out-dir", str(tmp_path)]
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120, env=ENV)
+    assert proc.returncode != 0
+    assert proc.stderr.count("error: data folder") == 1, proc.stderr

@@ -38,15 +38,23 @@ TINY = dict(data="fake", device="cpu", model_dims="32,1,2", decoder_dim=32, deco
             batch_size=100, epochs=2, warmup_epochs=0.5, num_workers=0, knn_train=300, knn_val=100, vis_every=0)
 
 
-def test_the_monitor_logs_step_0_every_epoch_and_equals_evaluate(tmp_path):
+def test_the_monitor_logs_step_0_every_epoch_and_equals_evaluate(tmp_path, capsys):
+    import torch
     ckpt = mae.train(mae.Args(out_dir=str(tmp_path), run_name="m", **TINY))  # 10 steps an epoch
     logged = knn_log(tmp_path / "m")
     assert [r["step"] for r in logged] == [0, 10, 20] and all(0 <= r["knn"] <= 100 for r in logged)
     assert all(r["minutes"] >= 0 for r in logged) and (tmp_path / "m" / "curves.png").is_file()
+    capsys.readouterr()
     result = evaluate.evaluate(evaluate.Args(ckpt=ckpt, data="fake", device="cpu", protocols="knn", num_workers=0,
                                              max_train_images=300, max_val_images=100))
     assert result["n_train"] == 300 and result["n_val"] == 100
     assert result["knn_top1"] == pytest.approx(logged[-1]["knn"], abs=1e-4)
+    # the checkpoint records what the run cost (issue #23), and evaluate.py prints it beside the accuracy
+    cost = torch.load(ckpt, weights_only=True)["efficiency"]
+    assert cost["steps"] == 20 and cost["images_seen"] == 2000 and cost["devices"] == 1 and cost["device"] == "CPU"
+    assert cost["seconds"] > 0 and cost["device_hours"] == pytest.approx(cost["seconds"] / 3600)
+    assert cost["img_per_s"] == pytest.approx(2000 / cost["seconds"]) and cost["peak_memory_gib"] > 0
+    assert "training cost: 20 steps, 2,000 images" in capsys.readouterr().out
 
 
 def test_the_monitor_reads_the_encoder_evaluate_reads_by_default(tmp_path):
@@ -79,16 +87,3 @@ def test_the_monitor_is_off_without_labels_or_a_val_split(tmp_path, capsys):
     mae.train(mae.Args(**dict(TINY, data=str(tmp_path / "flat"), batch_size=4, epochs=1, out_dir=str(tmp_path),
                               run_name="u")))
     assert "kNN monitor off:" in capsys.readouterr().out and knn_log(tmp_path / "u") == []
-
-
-def test_a_checkpoint_records_what_the_run_cost(tmp_path, capsys):
-    import torch
-    ckpt = mae.train(mae.Args(out_dir=str(tmp_path), run_name="e", **dict(TINY, epochs=1, knn_every=0)))
-    cost = torch.load(ckpt, weights_only=True)["efficiency"]
-    assert cost["steps"] == 10 and cost["images_seen"] == 1000 and cost["devices"] == 1 and cost["device"] == "CPU"
-    assert cost["seconds"] > 0 and cost["device_hours"] == pytest.approx(cost["seconds"] / 3600)
-    assert cost["img_per_s"] == pytest.approx(1000 / cost["seconds"]) and cost["peak_memory_gib"] > 0
-    capsys.readouterr()
-    evaluate.evaluate(evaluate.Args(ckpt=ckpt, data="fake", device="cpu", protocols="knn", num_workers=0))
-    out = capsys.readouterr().out
-    assert "training cost: 10 steps, 1,000 images" in out

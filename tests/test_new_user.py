@@ -44,18 +44,32 @@ def test_ctrl_c_after_the_pipe_closed_still_saves_the_last_step(tmp_path):
     assert ckpt["step"] >= 5 and steps_logged(tmp_path / "p")[-1] == ckpt["step"]  # the last step done is saved
 
 
+FLAG_CASES = [
+    ("mae", {"mask_ratio": 1.5}, r"--mask-ratio 1.5 is out of range: it must be in \(0, 1\)"),
+    ("mae", {"mask_ratio": -0.5}, r"--mask-ratio -0.5 is out of range"),
+    ("msn", {"patch_drop": 1.5}, r"--patch-drop 1.5 is out of range: it must be in \[0, 1\)"),
+    ("msn", {"num_prototypes": 0}, r"--num-prototypes 0 is out of range: it must be at least 2"),
+    ("conmim", {"mask_ratio": 2.0}, r"--mask-ratio 2.0 is out of range"),
+    ("moco", {"tau": 0.0}, r"--tau 0.0 is out of range: it must be more than 0 \(a temperature\)"),
+    ("cmae", {"mask_unit": 3}, r"--mask-unit 3 is out of range: it must be at least 1 and divide the 8 x 8"),
+    ("simsiam", {"optimizer": "lamb"}, r"--optimizer lamb is out of range: it must be 'adamw' or 'sgd'"),
+    ("grafting", {"lower_lr_ratio": -1.0, "mode": "mtl"}, r"--lower-lr-ratio -1.0 is out of range"),
+]
+
+
+@pytest.mark.parametrize("method, flags, pattern", FLAG_CASES)
+def test_a_method_flag_out_of_range_is_refused_before_any_run_folder(tmp_path, method, flags, pattern):
+    module = importlib.import_module(method)
+    with pytest.raises(module.DataError, match=pattern) as error:
+        module.train(module.Args(data="fake", device="cpu", num_workers=0, out_dir=str(tmp_path / "runs"), **flags))
+    assert "\n" not in str(error.value) and not (tmp_path / "runs").exists()  # one line, before a run folder
+
+
 @pytest.mark.parametrize("method, flags, pattern", [
     ("mae", ["--mask-ratio", "1.5"], r"--mask-ratio 1.5 is out of range: it must be in \(0, 1\)"),
-    ("mae", ["--mask-ratio", "-0.5"], r"--mask-ratio -0.5 is out of range"),
-    ("msn", ["--patch-drop", "1.5"], r"--patch-drop 1.5 is out of range: it must be in \[0, 1\)"),
-    ("msn", ["--num-prototypes", "0"], r"--num-prototypes 0 is out of range: it must be at least 2"),
-    ("conmim", ["--mask-ratio", "2"], r"--mask-ratio 2.0 is out of range"),
     ("moco", ["--tau", "0"], r"--tau 0.0 is out of range: it must be more than 0 \(a temperature\)"),
-    ("cmae", ["--mask-unit", "3"], r"--mask-unit 3 is out of range: it must be at least 1 and divide the 8 x 8"),
-    ("simsiam", ["--optimizer", "lamb"], r"--optimizer lamb is out of range: it must be 'adamw' or 'sgd'"),
-    ("grafting", ["--lower-lr-ratio", "-1", "--mode", "mtl"], r"--lower-lr-ratio -1.0 is out of range"),
 ])
-def test_a_method_flag_out_of_range_is_one_line_before_any_run_folder(tmp_path, method, flags, pattern):
+def test_a_method_flag_out_of_range_from_the_command_line_is_one_line(tmp_path, method, flags, pattern):
     import re
     proc = subprocess.run([sys.executable, f"{method}.py", "--data", "fake", "--device", "cpu", *flags, "--out-dir",
                            str(tmp_path / "runs")], cwd=ROOT, capture_output=True, text=True, timeout=300)

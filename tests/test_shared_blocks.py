@@ -140,5 +140,5 @@ def test_grafting_uses_moco_v3_views():
     import grafting
     import moco
     assert grafting.MOCO_COLOURS == moco.MOCO_COLOURS
-    args = grafting.Args(img_size=32, mode="graft")
+    args = grafting.Args(img_size=32, mode="graft", crop_min_scale=0.08)
     assert [str(c) for c in grafting.train_transform(args).crops] == [str(c) for c in moco.train_transform(args).crops]

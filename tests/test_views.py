@@ -117,7 +117,7 @@ def test_parameters_are_per_sample_and_follow_the_sample_seed():
     """Every sample of a batch gets its own parameters (not one per batch), drawn under its own seed:
     the same image at the same (epoch, position) gets the same views in any batch, on any worker."""
     from PIL import Image
-    args = moco.Args(img_size=32)
+    args = moco.Args(img_size=32, crop_min_scale=0.08)
     dataset = moco.Augmented([(Image.new("RGB", (40, 40), (200, 100, 50)), 0)] * 8, moco.train_transform(args))
     batch = torch.utils.data.default_collate([dataset[(i, 1000 + i)][0] for i in range(8)])
     crops, p = batch
@@ -175,7 +175,7 @@ def test_msn_views_sizes_on_the_device():
 def test_grafting_mtl_views_two_coloured_and_one_plain_all_normalised():
     import grafting
     from PIL import Image
-    args = grafting.Args(img_size=32, mode="mtl")
+    args = grafting.Args(img_size=32, mode="mtl", crop_min_scale=0.08)
     crops, p = grafting.train_transform(args)(Image.new("RGB", (40, 40), (200, 100, 50)))
     assert len(crops) == 3 and p.shape == (3, 13) and not p[2].any()  # the MIM view draws no colour
     batch = ([c[None] for c in crops], p[None])
