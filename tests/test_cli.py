@@ -9,6 +9,7 @@ import shlex
 import pytest
 import torch
 
+import evaluate
 import mae
 
 ERROR_CASES_ENV = dict(os.environ, PYTHONWARNINGS="ignore")
@@ -33,31 +34,37 @@ def test_docstring_smoke_run_then_evaluate(tmp_path, cli, method):
     state = torch.load(ckpt, weights_only=True)
     assert state["step"] == int(argv[argv.index("--steps") + 1]) and state["method"] == method
 
+    # one evaluate.py command line: the trained encoder and the untrained baseline side by side
     out = cli("evaluate.py", "--ckpt", str(ckpt), "--data", "fake", "--device", "cpu", "--num-workers", "0",
-              "--linear-epochs", "5").stdout
-    assert "kNN top-1" in out
+              "--linear-epochs", "5", "--with-random-init", "--out", str(tmp_path / "both.json")).stdout
+    assert "kNN top-1" in out and "random init" in out
     which = state["default_encoder"]
     result = json.loads((tmp_path / "smoke" / f"eval-{which}-cls.json").read_text())
     assert 0 <= result["knn_top1"] <= 100 and 0 <= result["linear_top1"] <= 100
     assert result["method"] == method and result["step"] == state["step"] and not result["random_init"]
-    if "target_encoder" in state:
-        cli("evaluate.py", "--ckpt", str(ckpt), "--data", "fake", "--device", "cpu", "--num-workers", "0",
-            "--encoder", "target", "--protocols", "knn")
-        assert json.loads((tmp_path / "smoke" / "eval-target-cls.json").read_text())["encoder"] == "target"
-
-    cli("evaluate.py", "--ckpt", str(tmp_path / "smoke"), "--data", "fake", "--device", "cpu", "--num-workers", "0",
-        "--random-init", "--protocols", "knn", "--pool", "mean")
-    baseline = json.loads((tmp_path / "smoke" / f"eval-{which}-mean-random.json").read_text())
-    assert baseline["random_init"] and "linear_top1" not in baseline
+    baseline = json.loads((tmp_path / "smoke" / f"eval-{which}-cls-random.json").read_text())
+    assert baseline["random_init"] and baseline["method"] == method
+    if "target_encoder" in state:  # the other encoder, and another read-out, in-process (the command line is above)
+        evaluate.evaluate(evaluate.parse_args(["--ckpt", str(tmp_path / "smoke"), "--data", "fake", "--device", "cpu",
+                                               "--num-workers", "0", "--encoder", "target", "--protocols", "knn",
+                                               "--pool", "mean"]))
+        assert json.loads((tmp_path / "smoke" / "eval-target-mean.json").read_text())["encoder"] == "target"
 
 
-def test_help_teaches(cli):
-    out = " ".join(cli("mae.py", "--help").stdout.split())  # argparse wraps lines
+def help_text(module, capsys):
+    with pytest.raises(SystemExit) as done:
+        module.parse_args(["--help"])
+    assert done.value.code == 0
+    return " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+
+
+def test_help_teaches(capsys):
+    out = help_text(mae, capsys)
     for text in ("--mask-ratio", "paper: 0.75", "--blr", "batch-size / 256", "--resume", "--benchmark", "--data"):
         assert text in out, text
     assert "off on CPU; the first steps are slow while it compiles) (default: auto)" in out  # --compile
     assert "(default: from the recipe)" in out and "(default: 0.75)" in out
-    assert "--ckpt" in cli("evaluate.py", "--help").stdout
+    assert "--ckpt" in help_text(evaluate, capsys)
 
 
 def one_line_error(proc, expected):
@@ -82,10 +89,11 @@ TINY = ["--device", "cpu", "--model-dims", "32,1,2", "--decoder-dim", "32", "--d
 @pytest.mark.parametrize("workers", ["0", "1"])
 def test_bad_data_gives_one_line_errors(tmp_path, cli, workers):
     out = ["--out-dir", str(tmp_path / "runs")]
-    one_line_error(cli("mae.py", "--data", str(tmp_path / "missing"), *TINY, *out, expect_ok=False), "does not exist")
-    os.makedirs(tmp_path / "empty")
-    one_line_error(cli("mae.py", "--data", str(tmp_path / "empty"), *TINY, *out, expect_ok=False), "no images")
-    broken = tmp_path / "broken" / "cls"
+    if workers == "0":  # the folder checks come before any DataLoader worker exists: once is enough
+        one_line_error(cli("mae.py", "--data", str(tmp_path / "missing"), *TINY, *out, expect_ok=False), "does not exist")
+        os.makedirs(tmp_path / "empty")
+        one_line_error(cli("mae.py", "--data", str(tmp_path / "empty"), *TINY, *out, expect_ok=False), "no images")
+    broken = tmp_path / "broken" / "cls"  # an image that fails to decode, in the main process and in a worker
     make_images(broken, 3)
     (broken / "999.png").write_bytes(b"this is not a png")
     one_line_error(cli("mae.py", "--data", str(tmp_path / "broken"), *TINY, *out, "--batch-size", "4", "--steps", "1",
@@ -101,20 +109,27 @@ def test_grayscale_and_flat_folders_train(tmp_path, cli):
 def test_evaluate_rejects_foreign_checkpoints(tmp_path, cli):
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
     base = ["--data", "fake", "--device", "cpu", "--num-workers", "0"]
+    # the command line: one line on stderr, no traceback
     one_line_error(cli("evaluate.py", "--ckpt", str(tmp_path / "other.pt"), *base, expect_ok=False), "not written by")
-    one_line_error(cli("evaluate.py", "--ckpt", str(tmp_path / "nothing.pt"), *base, expect_ok=False), "does not exist")
-    cli("mae.py", "--data", "fake", *TINY, "--out-dir", str(tmp_path), "--run-name", "m")
+
+    def refused(*argv, match):  # the other cases in-process: the same DataError that main() prints as one line
+        with pytest.raises(evaluate.DataError, match=match) as error:
+            evaluate.evaluate(evaluate.parse_args([*argv, *base]))
+        assert "\n" not in str(error.value)
+
+    refused("--ckpt", str(tmp_path / "nothing.pt"), match="does not exist")
+    mae.train(mae.parse_args(["--data", "fake", *TINY, "--out-dir", str(tmp_path), "--run-name", "m"]))
     ckpt = str(tmp_path / "m" / "checkpoint.pt")
-    one_line_error(cli("evaluate.py", "--ckpt", ckpt, *base, "--encoder", "target", expect_ok=False), "no target encoder")
+    refused("--ckpt", ckpt, "--encoder", "target", match="no target encoder")
     state = torch.load(ckpt, weights_only=True)
     state["encoder_config"]["dim"] = 64  # weights from another model shape
     torch.save(state, tmp_path / "mismatch.pt")
-    one_line_error(cli("evaluate.py", "--ckpt", str(tmp_path / "mismatch.pt"), *base, expect_ok=False), "do not fit")
+    refused("--ckpt", str(tmp_path / "mismatch.pt"), match="do not fit")
     # mae.py --resume refuses a checkpoint of another method
     state["method"] = "moco"
     torch.save(state, tmp_path / "moco.pt")
-    one_line_error(cli("mae.py", "--resume", str(tmp_path / "moco.pt"), "--device", "cpu", expect_ok=False),
-                   "not a mae.py checkpoint")
+    with pytest.raises(mae.DataError, match="not a mae.py checkpoint"):
+        mae.train(mae.parse_args(["--resume", str(tmp_path / "moco.pt"), "--device", "cpu"]))
 
 
 def test_ctrl_c_to_the_whole_process_group_saves_a_checkpoint(tmp_path):

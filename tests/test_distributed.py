@@ -3,10 +3,14 @@ distributed code right: 2 ranks with B/2 images each give the same losses and th
 1 process with B images (same samples, views and masks). It fails if a gather of keys, a
 BatchNorm over the global batch, or a reduction in the loss is missing. MSN's summed prototype
 gradient, the official code's deliberate departure from one large batch, is checked exactly."""
+import contextlib
+import importlib
+import io
 import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -31,8 +35,16 @@ def train(method, out_dir, name, nproc, batch, *extra):
             "--run-name", name, *SMALL[method], *extra]
     if "--vis-every" not in extra and method in ("mae", "cmae"):
         argv += ["--vis-every", "1"]  # a picture at the end of the run: every rank must take part (issue #22)
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                    "--nproc_per_node", str(nproc)]
+    if nproc == 1:  # in-process (no interpreter start-up), on one thread like each torchrun process (OMP_NUM_THREADS=1)
+        module, threads, out = importlib.import_module(method), torch.get_num_threads(), io.StringIO()
+        torch.set_num_threads(1)
+        try:
+            with contextlib.redirect_stdout(out):
+                module.train(module.parse_args(argv[1:]))
+        finally:
+            torch.set_num_threads(threads)
+        return types.SimpleNamespace(stdout=out.getvalue())
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
     proc = subprocess.run(launcher + argv, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -96,7 +108,7 @@ def test_two_ranks_with_half_batches_equal_one_process(tmp_path, method):
             assert torch.allclose(t.float(), b["model"][k].float(), atol=2e-3), k
 
 
-def test_distributed_run_resumes_and_evaluates(tmp_path, cli):
+def test_distributed_run_resumes_and_evaluates(tmp_path):
     train("moco", tmp_path, "whole", 2, 4)
     train("moco", tmp_path, "part", 2, 4, "--stop-after", "2")
     assert torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)["step"] == 2
@@ -108,9 +120,10 @@ def test_distributed_run_resumes_and_evaluates(tmp_path, cli):
     assert b["step"] == 3 and [r["step"] for r in log_b] == [1, 2, 3]
     for k in a["model"]:
         assert torch.allclose(a["model"][k].float(), b["model"][k].float(), atol=1e-6), k
-    out = cli("evaluate.py", "--ckpt", str(tmp_path / "part"), "--data", "fake", "--device", "cpu", "--num-workers", "0",
-              "--protocols", "knn").stdout
-    assert "kNN top-1" in out
+    import evaluate
+    scored = evaluate.evaluate(evaluate.parse_args(["--ckpt", str(tmp_path / "part"), "--data", "fake", "--device", "cpu",
+                                                    "--num-workers", "0", "--protocols", "knn"]))
+    assert scored["step"] == 3 and 0 <= scored["knn_top1"] <= 100
 
 
 def test_a_failure_on_one_rank_ends_the_job_with_one_line(tmp_path):

@@ -157,7 +157,7 @@ def test_frozen_parts_stay_fixed_and_lower_blocks_learn_slowly(mae_run, tmp_path
     assert all(torch.equal(ckpt["model"][k], v) for k, v in decoder.items())  # kept, not trained
 
 
-def test_cli_chain_mae_grafting_evaluate_and_gradient_analysis(mae_run, tmp_path, cli):
+def test_cli_chain_mae_grafting_evaluate_and_gradient_analysis(mae_run, tmp_path, cli, capsys):
     out = cli("grafting.py", "--data", "fake", "--device", "cpu", "--steps", "6", "--batch-size", "16",
               "--mlp-dim", "64", "--mae-ckpt", mae_run, "--num-workers", "0", "--out-dir", str(tmp_path),
               "--run-name", "g", "--log-every", "3").stdout
@@ -165,15 +165,17 @@ def test_cli_chain_mae_grafting_evaluate_and_gradient_analysis(mae_run, tmp_path
     ckpt = tmp_path / "g" / "checkpoint.pt"
     state = torch.load(ckpt, weights_only=True)
     assert state["method"] == "grafting" and state["step"] == 6 and state["default_encoder"] == "online"
-    cli("evaluate.py", "--ckpt", str(ckpt), "--data", "fake", "--device", "cpu", "--num-workers", "0",
-        "--linear-epochs", "5")
+    import evaluate  # in-process from here on: the command lines are the same parse_args() and train()
+    evaluate.evaluate(evaluate.parse_args(["--ckpt", str(ckpt), "--data", "fake", "--device", "cpu", "--num-workers", "0",
+                                           "--linear-epochs", "5"]))
     result = json.loads((tmp_path / "g" / "eval-online-cls.json").read_text())
     assert result["method"] == "grafting" and 0 <= result["knn_top1"] <= 100
 
     def analyze(samples):
-        out = cli("grafting.py", "--analyze-gradients", str(ckpt), "--data", "fake", "--device", "cpu",
-                  "--analyze-samples", samples).stdout
-        return out, json.loads((tmp_path / "g" / "gradient_conflict.json").read_text())
+        capsys.readouterr()
+        grafting.train(grafting.parse_args(["--analyze-gradients", str(ckpt), "--data", "fake", "--device", "cpu",
+                                            "--analyze-samples", samples]))
+        return capsys.readouterr().out, json.loads((tmp_path / "g" / "gradient_conflict.json").read_text())
     out, conflict = analyze("20")  # rounded down to one batch of the run's 16
     assert "| block | mean C |" in out and out.count("\n| ") >= 4 and "16 images of fake in batches of 16" in out
     cos = torch.tensor(conflict["cosines"])
@@ -186,14 +188,15 @@ def test_cli_chain_mae_grafting_evaluate_and_gradient_analysis(mae_run, tmp_path
         assert im.format == "PNG" and im.size[0] >= 200
 
 
-def test_mtl_mode_runs_from_scratch_and_benchmarks(tmp_path, cli):
+def test_mtl_mode_runs_from_scratch_and_benchmarks(tmp_path, cli, capsys):
     common = ["--data", "fake", "--device", "cpu", "--batch-size", "8", "--mode", "mtl", "--model-dims", "32,2,2",
               "--mlp-dim", "32", "--decoder-dim", "16", "--decoder-depth", "1", "--decoder-heads", "2"]
     out = cli("grafting.py", *common, "--steps", "3", "--num-workers", "0", "--out-dir", str(tmp_path),
               "--run-name", "mtl", "--log-every", "3").stdout
     assert "from scratch" in out and "| mim " in out and "| cl " in out
-    out = cli("grafting.py", *common, "--benchmark", "--benchmark-steps", "2", "--peak-tflops", "1").stdout
-    assert json.loads(out.strip().splitlines()[-1])["img_per_s"] > 0
+    capsys.readouterr()
+    grafting.train(grafting.parse_args([*common, "--benchmark", "--benchmark-steps", "2", "--peak-tflops", "1"]))
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["img_per_s"] > 0
 
 
 def test_bad_mae_checkpoints_give_one_line_errors(tmp_path, cli, mae_run):
@@ -202,13 +205,20 @@ def test_bad_mae_checkpoints_give_one_line_errors(tmp_path, cli, mae_run):
     proc = cli(*base, expect_ok=False)
     assert proc.returncode != 0 and proc.stderr.strip() == \
         "error: --mode graft needs --mae-ckpt: a checkpoint.pt written by mae.py (step 1)"
+
+    def refused(*flags):  # the rest in-process: the one-line DataError that main() prints
+        with pytest.raises(grafting.DataError) as error:
+            grafting.train(grafting.parse_args([*base[1:], *flags]))
+        assert "\n" not in str(error.value)
+        return str(error.value)
+
     torch.save({"method": "moco"}, tmp_path / "moco.pt")
-    proc = cli(*base, "--mae-ckpt", str(tmp_path / "moco.pt"), expect_ok=False)
-    assert proc.stderr.strip().startswith("error: --mae-ckpt") and "not a mae.py checkpoint" in proc.stderr
-    proc = cli(*base, "--mae-ckpt", mae_run, "--model-dims", "64,2,4", expect_ok=False)
-    assert len(proc.stderr.strip().splitlines()) == 1 and "drop the flag" in proc.stderr
-    proc = cli(*base, "--mae-ckpt", str(tmp_path / "missing.pt"), expect_ok=False)
-    assert proc.stderr.strip() == f"error: MAE checkpoint {str(tmp_path / 'missing.pt')!r} does not exist"
+    message = refused("--mae-ckpt", str(tmp_path / "moco.pt"))
+    assert message.startswith("--mae-ckpt") and "not a mae.py checkpoint" in message
+    assert "drop the flag" in refused("--mae-ckpt", mae_run, "--model-dims", "64,2,4")
+    assert refused("--mae-ckpt", str(tmp_path / "missing.pt")) == \
+        f"MAE checkpoint {str(tmp_path / 'missing.pt')!r} does not exist"
+    assert not [p for p in tmp_path.iterdir() if p.is_dir()]  # refused before any run folder
 
 
 def test_docstring_smoke_chain_runs_as_written(tmp_path, cli):

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.skipif(not os.path.isdir(os.path.join(DATA, "train")),
 def test_mae_on_real_cifar10_then_evaluate(tmp_path, cli):
     cli("mae.py", "--data", DATA, "--device", "cpu", "--model-dims", "64,2,4", "--decoder-dim", "64",
         "--decoder-depth", "1", "--batch-size", "64", "--steps", "60", "--blr", "2e-3", "--warmup-epochs", "1",
-        "--epochs", "10", "--log-every", "10", "--num-workers", "2", "--vis-every", "0",
+        "--epochs", "10", "--log-every", "10", "--num-workers", "2", "--vis-every", "0", "--knn-every", "0",
         "--out-dir", str(tmp_path), "--run-name", "real")
     log = [r for r in map(json.loads, open(tmp_path / "real" / "log.jsonl")) if "train/loss" in r]
     assert log[-1]["train/loss"] < 0.8 * log[0]["train/loss"], [r["train/loss"] for r in log]
