@@ -165,7 +165,7 @@ class Args:
     transfer_data: tuple[str, ...] = ()
     """other labelled data sets (folders with train/ and val/, or 'cifar10', 'fake'): kNN and linear probe of the same frozen encoder there (generalisation)"""
     pretext_images: int = 512
-    """val images of the pretext protocol (the method's own objective on images it did not train on)"""
+    """val images of the pretext protocol (the method's own objective on images it did not train on); at most --max-val-images"""
     finetune_epochs: int = 100
     """fine-tuning epochs (MAE: 100 for ViT-B)"""
     finetune_blr: float = 5e-4
@@ -227,14 +227,22 @@ def parse_args(argv=None):
     fields = ast.parse(inspect.getsource(Args)).body[0].body
     helps = {a.target.id: b.value.value for a, b in zip(fields, fields[1:])
              if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    title, *paragraphs = __doc__.strip().split("\n\n")  # --help: the title, the flags, then the example commands
+    examples = next((p for p in paragraphs if p.startswith(("Run:", "    python"))), "")
+    parser = argparse.ArgumentParser(description=title, epilog=examples, allow_abbrev=False,  # --step is not --steps
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def one_line_error(message):  # argparse would print the whole usage first
+        raise DataError(f"{message} (--help lists them)")
+    parser.error = one_line_error
     for f in dataclasses.fields(Args):
         kind = f.type
         if typing.get_origin(kind) in (typing.Union, types.UnionType):  # "int | None" -> int
             kind = next(t for t in typing.get_args(kind) if t is not type(None))
         default = f.default if f.default is not None else "auto" if kind is bool else "from the recipe"
         paper = f" (paper: {PAPER[f.name]})" if f.name in PAPER else ""  # the method's published value
-        options = dict(default=f.default, help=f"{helps.get(f.name, '')}{paper} (default: {default})".replace("%", "%%"))
+        text = helps.get(f.name, "") + paper + ("" if "(default:" in helps.get(f.name, "") else f" (default: {default})")
+        options = dict(default=f.default, help=text.replace("%", "%%"))
         if kind is bool:
             options.update(action=argparse.BooleanOptionalAction)
         elif typing.get_origin(kind) is tuple:  # "tuple[str, ...]" -> one or more values
@@ -263,6 +271,9 @@ def error_line(e):
     return str(e).strip().splitlines()[-1].removeprefix(f"{type(e).__name__}: ")
 
 def check_folder(root):
+    if root.endswith((".tar", ".tar.gz", ".tgz")) and os.path.isfile(root):
+        raise DataError(f"--data {root!r} is an archive: unpack it first (mkdir -p data && tar -xf {root} -C data) and "
+                        "pass the folder it holds, or use --data cifar10, which downloads CIFAR-10")
     if os.path.isfile(root):
         raise DataError(f"--data {root!r} is a file; it takes a folder of images (or 'cifar10' or 'fake')")
     if not os.path.isdir(root):
@@ -298,23 +309,28 @@ def find_images(root):
     return samples, classes
 
 class ImageFiles(torch.utils.data.Dataset):
-    """(RGB PIL image, label) for every image file under root (see find_images)."""
-    def __init__(self, root):
-        self.root = root
+    """(RGB PIL image, label) for every image file under root (see find_images); JPEGs decoded down to decode_side."""
+    def __init__(self, root, decode_side=0):
+        self.root, self.decode_side = root, decode_side
         self.samples, self.classes = find_images(root)
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, i):
-        return read_image(self.samples[i][0]), self.samples[i][1]
+        return read_image(self.samples[i][0], self.decode_side), self.samples[i][1]
 
-def read_image(path):
-    """An image file as an RGB PIL image; 16-bit grayscale is scaled to 8 bits (convert() alone would clip it)."""
+def read_image(path, decode_side=0):
+    """An image file as an RGB PIL image; 16-bit grayscale is scaled to 8 bits (convert() alone would clip it). With
+    decode_side, a JPEG larger than that is decoded at 1/2, 1/4 or 1/8 of its size in the DCT (PIL's draft mode, several
+    times faster), never below decode_side px for the geometric mean of its sides."""
     from PIL import Image  # torchvision depends on Pillow
     try:
         with open(path, "rb") as f:
             img = Image.open(f)
+            shrink = decode_side / math.sqrt(img.width * img.height)
+            if img.format == "JPEG" and 0 < shrink <= 0.5:
+                img.draft(img.mode, (math.ceil(img.width * shrink), math.ceil(img.height * shrink)))
             img.load()
         if img.mode.startswith("I"):
             img = img.convert("I").point(lambda v: v / 256).convert("L")
@@ -1025,7 +1041,7 @@ def pretext(args, info, random_init, device, stem):
     if not random_init:
         model.load_state_dict(ckpt["model"])
     val = method.build_dataset(args.data, "val", margs.img_size)
-    n = min(args.pretext_images, len(val))
+    n = min(args.pretext_images, args.max_val_images or len(val), len(val))
     keep = torch.randperm(len(val), generator=torch.Generator().manual_seed(args.seed))[:n].tolist()
     views = method.Augmented(val, method.train_transform(margs))
     batch = min(margs.batch_size, n)
@@ -1044,10 +1060,12 @@ def pretext(args, info, random_init, device, stem):
     out.update(images=count, batch=batch)
     if hasattr(method, "save_reconstructions"):  # MAE / CMAE: the picture of 8 of these val images
         images = torch.stack([eval_transform(margs.img_size)(val[i][0]) for i in keep[:8]]).to(device)
-        method.save_reconstructions(model, images, stem + "-pretext.png")
+        title = f"{ckpt['method']}{' (random init)' if random_init else ''}: {info['checkpoint']}, step {ckpt['step']}"
+        method.save_reconstructions(model, images, stem + "-pretext.png", title)
         out["picture"] = stem + "-pretext.png"
     print(f"pretext ({ckpt['method']}, {count} val images in batches of {batch}): "
-          + ", ".join(f"{k} {v:.4g}" for k, v in out.items() if isinstance(v, float)))
+          + ", ".join(f"{k} {v:.4g}" for k, v in out.items() if isinstance(v, float))
+          + (f"; reconstructions: {out['picture']}" if "picture" in out else ""))
     return out
 
 
@@ -1231,7 +1249,10 @@ def evaluate_one(args, source, kind, protocols, random_init, device):
     folder, prefix = os.path.dirname(info["checkpoint"]), ""
     if kind != "ckpt":  # next to the weights file, named after it
         prefix = os.path.splitext(os.path.basename(info["checkpoint"]))[0] + "-"
-    stem = os.path.join(folder, f"{prefix}eval-{info['encoder']}-{args.pool}{'-random' if random_init else ''}")
+    data = os.path.basename(os.path.normpath(args.data))  # results on other data or subsets go to their own files
+    if args.max_train_images or args.max_val_images:
+        data += f"-{args.max_train_images or 'all'}x{args.max_val_images or 'all'}"
+    stem = os.path.join(folder, f"{prefix}eval-{info['encoder']}-{args.pool}-{data}{'-random' if random_init else ''}")
     if "finetune" in protocols and not args.resume and os.path.isfile(stem + "-finetune.pt"):
         done = torch.load(stem + "-finetune.pt", map_location="cpu", weights_only=True)
         raise DataError(f"{stem}-finetune.pt already holds a fine-tuning run (step {done.get('step')}): continue it "

@@ -30,9 +30,10 @@ Deviations from the paper
   - CIFAR-10 recipe (our choice, no official one): ViT-Tiny with patch 4 on 32x32 images
     (64 patches, 16 visible), a 256-d x 4-block decoder (REFERENCE §1.6), 200 epochs.
   - CPU recipe (--recipe cpu; what --recipe auto picks without a GPU, README "I only have a laptop"):
-    a ViT 128 wide, 6 deep (4 heads) at 32 px, a 128-d x 2-block decoder, batch 128, blr 5e-4, 4
-    epochs with half an epoch of warm-up: about 15 minutes on 2 cores, where the paper trains
-    ViT-B/16 with a 512-d x 8 decoder for 800 epochs at batch 4096.
+    a ViT 128 wide, 6 deep (4 heads) at 32 px, a 128-d x 2-block decoder, batch 128, blr 5e-4, a run
+    of 240,000 images (--images; about 5 epochs of CIFAR-10) with a tenth of warm-up: about 15 minutes
+    on 2 cores on a folder of any size, where the paper trains ViT-B/16 with a 512-d x 8 decoder for
+    800 epochs at batch 4096.
   - Per-patch normalised targets are on by default (the released checkpoints use them; the
     official code's flag defaults to off). --no-norm-pix-loss gives plain pixels.
   - The crop and flip are done by the data workers, which hand over uint8 crops; the device converts
@@ -189,9 +190,9 @@ def mae_loss(pred, target, mask, norm_pix_loss=True):
 
 
 @torch.no_grad()
-def save_reconstructions(model, images, path, seed=0):
+def save_reconstructions(model, images, path, title="", seed=0):
     """A PNG grid: originals / masked inputs / reconstructions (visible patches pasted back, as in
-    the paper's Fig. 2). With norm-pix targets each predicted patch is un-normalised with the true
+    the paper's Fig. 2), under a title (the run or checkpoint, its step). With norm-pix targets each predicted patch is un-normalised with the true
     patch's mean and std, so the picture shows structure, not the patch colour that was predicted."""
     model.eval()
     enc = model.encoder
@@ -206,7 +207,7 @@ def save_reconstructions(model, images, path, seed=0):
     recon = enc.unpatchify(target * (1 - m) + pred.float() * m)
     std, mean = torch.tensor(STD, device=images.device).view(3, 1, 1), torch.tensor(MEAN, device=images.device).view(3, 1, 1)
     rows = [x * std + mean for x in (images, masked, recon)]
-    save_labelled_grid(rows, ["original", "masked", "reconstruction"], path)  # rank 0 writes it
+    save_labelled_grid(rows, ["original", "masked", "reconstruction"], path, title)  # rank 0 writes it
     model.train()
 
 
@@ -255,7 +256,7 @@ class Args:
     data: str = "cifar10"
     """'cifar10' (torchvision downloads it), 'fake' (1,000 synthetic images, for smoke runs) or a folder: PATH/train/<class>/*.jpg (ImageNet layout), PATH/<class>/*.jpg, or a flat folder of images"""
     recipe: str = "auto"
-    """hyper-parameter preset, 'cifar10' or 'imagenet'; 'auto' picks imagenet when the images are 64 px or larger. Any flag you pass overrides the preset"""
+    """hyper-parameter preset: 'cpu' (a small ViT at 32 px for a laptop, sized in images seen), or the GPU recipes 'cifar10' and 'imagenet'; 'auto' picks cpu without a GPU, and on a GPU imagenet when the images are 64 px or larger. Any flag you pass overrides the preset"""
     model: str | None = None
     """ViT size: tiny (192 wide, 12 deep, 3 heads), small (384/12/6), base (768/12/12), large (1024/24/16)"""
     model_dims: str = ""
@@ -265,7 +266,9 @@ class Args:
     patch_size: int | None = None
     """patch size in pixels; must divide img-size (recipe: 4 at 32 px, 16 at 224 px)"""
     epochs: float | None = None
-    """passes over the training set (a fraction is allowed, e.g. 1.5)"""
+    """passes over the training set (a fraction is allowed, e.g. 1.5); overrides --images"""
+    images: int | None = None
+    """the run's length in training images instead of epochs: epochs = images / the data set's size, so that a run takes about the same minutes on a folder of any size (the CPU recipe is sized so)"""
     steps: int = 0
     """total optimizer steps; if set, overrides --epochs and the schedule is compressed into these steps"""
     batch_size: int | None = None
@@ -277,7 +280,7 @@ class Args:
     weight_decay: float | None = None
     """AdamW weight decay, not applied to biases and norm weights"""
     warmup_epochs: float | None = None
-    """epochs of linear lr warm-up before the cosine decay (from 0, or from a method's official start lr)"""
+    """epochs of linear lr warm-up before the cosine decay (from 0, or from a method's official start lr); a run sized by --images warms up over its first tenth"""
     seed: int = 0
     """seeds every random draw: data order, augmentations, masks, initialisation"""
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
@@ -298,8 +301,8 @@ class Args:
     """end this process after this many steps, saving a checkpoint (the schedule still spans the whole run); continue with --resume"""
     log_every: int = 50
     """steps between log lines"""
-    knn_every: float = 1.0
-    """epochs between kNN accuracies in the log (also at step 0 and at the end): evaluate.py's kNN (k 20, T 0.07) of the encoder it evaluates, on --knn-train / --knn-val fixed images; 0 turns it off"""
+    knn_every: float | None = None
+    """epochs between kNN accuracies in the log (also at step 0 and at the end): evaluate.py's kNN (k 20, T 0.07) of the encoder it evaluates, on --knn-train / --knn-val fixed images; 0 turns it off (default: 1, or a fifth of a run sized by --images)"""
     knn_train: int = 5000
     """training images of the kNN monitor (a fixed random subset, evaluate.py --max-train-images)"""
     knn_val: int = 1000
@@ -325,8 +328,8 @@ class Args:
     """decoder blocks (paper: 8)"""
     decoder_heads: int | None = None
     """decoder attention heads (paper: 16)"""
-    vis_every: int = 10
-    """epochs between reconstruction pictures (original / masked / reconstruction) in the run folder; 0 turns them off"""
+    vis_every: float | None = None
+    """epochs between reconstruction pictures (original / masked / reconstruction) in the run folder, and one at the end; 0 turns them off (default: 10, or a fifth of a run sized by --images)"""
 
 
 # Hyper-parameter presets. A field left at None above is filled from the recipe.
@@ -338,8 +341,8 @@ RECIPES = {
     "imagenet": dict(model="base", img_size=224, patch_size=16, epochs=800, batch_size=256, blr=1.5e-4,
                      min_lr=0.0, weight_decay=0.05, warmup_epochs=40, decoder_dim=512, decoder_depth=8, decoder_heads=16),
     # a laptop (picked by --recipe auto on the CPU): about 15 minutes on 2 cores, measured in README.md
-    "cpu": dict(model="128,6,4", img_size=32, patch_size=4, epochs=4, batch_size=128, blr=5e-4, min_lr=0.0,
-                weight_decay=0.05, warmup_epochs=0.5, decoder_dim=128, decoder_depth=2, decoder_heads=4),
+    "cpu": dict(model="128,6,4", img_size=32, patch_size=4, images=240_000, batch_size=128, blr=5e-4, min_lr=0.0,
+                weight_decay=0.05, decoder_dim=128, decoder_depth=2, decoder_heads=4),
 }
 
 # The paper's values of the shared flags (--help shows them): the ViT-B/16 recipe of PRETRAIN.md
@@ -355,7 +358,7 @@ def check_args(args):
     for name in ("decoder_dim", "decoder_depth", "decoder_heads"):
         require(args, name, getattr(args, name) >= 1, "at least 1")
     require(args, "decoder_dim", args.decoder_dim % args.decoder_heads == 0, "a multiple of --decoder-heads")
-    require(args, "vis_every", args.vis_every >= 0, "0 (off) or more epochs")
+    require(args, "vis_every", args.vis_every is None or args.vis_every >= 0, "0 (off) or more epochs")
 
 
 # ---------------------------------------------------------------- train
@@ -365,14 +368,16 @@ def train(args):
     lr = args.blr * args.batch_size * WORLD / 256  # the paper's linear scaling rule, on the global batch
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, betas=(0.9, 0.95),
                                   fused=device.type == "cuda")
-    train_model = prepare(model, args, device, lr)  # DDP on many GPUs, torch.compile; checkpoints save `model`
+    images = torch.zeros(args.batch_size, 3, args.img_size, args.img_size, device=device)  # a synthetic batch, to time
+    step = lambda train_model: train_step(model, train_model, optimizer, images, lr, args)  # the step (--benchmark, probe)
     if args.benchmark:
-        images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
-        return run_benchmark(args, device, lambda eager: train_step(model, model if eager else train_model,
-                                                                    optimizer, images, lr, args))
+        return run_benchmark(args, model, device, step)
     run = Run(args, model, optimizer, train_transform(args), device)  # the data and the schedule's length
     if args.benchmark_data:
         return run_data_benchmark(args, run.loader, device, lambda batch: device_views(batch, args))
+    train_model = prepare(model, optimizer, args, device, lr, step, run.total_steps)  # bf16? compile? DDP on many GPUs
+    if args.vis_every is None:  # every 10 epochs, or 5 pictures in a run sized by --images
+        args.vis_every = args.epochs / 5 if args.images else 10
     run.start(resumed)  # a new run folder, or the resumed run's weights, optimizer and RNG
     if args.vis_every:  # 8 fixed images spread over the data set (so over the classes of a sorted folder)
         vis_data = build_dataset(args.data, "train", args.img_size)
@@ -383,9 +388,10 @@ def train(args):
         lr_now = lr_at(run.step, run.total_steps, run.warmup_steps, lr, args.min_lr)
         loss, extras = train_step(model, train_model, optimizer, device_views(views, args), lr_now, args)
         run.after_step(loss, lr_now, extras)  # log, and save every --save-minutes, at the end, on a signal
-        if args.vis_every and (run.step % (args.vis_every * run.steps_per_epoch) == 0
-                                             or run.step == run.total_steps):
-            save_reconstructions(model, vis_images, os.path.join(run.dir, f"reconstruction_step{run.step:07d}.png"))
+        if args.vis_every and (run.step % max(1, round(args.vis_every * run.steps_per_epoch)) == 0
+                               or run.step == run.total_steps):
+            save_reconstructions(model, vis_images, os.path.join(run.dir, f"reconstruction_step{run.step:07d}.png"),
+                                 f"{METHOD}: {run.dir}, step {run.step}/{run.total_steps}")
     return run.ckpt_path
 
 
@@ -424,14 +430,22 @@ def parse_args(argv=None):
     fields = ast.parse(inspect.getsource(Args)).body[0].body
     helps = {a.target.id: b.value.value for a, b in zip(fields, fields[1:])
              if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    title, *paragraphs = __doc__.strip().split("\n\n")  # --help: the title, the flags, then the example commands
+    examples = next((p for p in paragraphs if p.startswith(("Run:", "    python"))), "")
+    parser = argparse.ArgumentParser(description=title, epilog=examples, allow_abbrev=False,  # --step is not --steps
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def one_line_error(message):  # argparse would print the whole usage first
+        raise DataError(f"{message} (--help lists them)")
+    parser.error = one_line_error
     for f in dataclasses.fields(Args):
         kind = f.type
         if typing.get_origin(kind) in (typing.Union, types.UnionType):  # "int | None" -> int
             kind = next(t for t in typing.get_args(kind) if t is not type(None))
         default = f.default if f.default is not None else "auto" if kind is bool else "from the recipe"
         paper = f" (paper: {PAPER[f.name]})" if f.name in PAPER else ""  # the method's published value
-        options = dict(default=f.default, help=f"{helps.get(f.name, '')}{paper} (default: {default})".replace("%", "%%"))
+        text = helps.get(f.name, "") + paper + ("" if "(default:" in helps.get(f.name, "") else f" (default: {default})")
+        options = dict(default=f.default, help=text.replace("%", "%%"))
         if kind is bool:
             options.update(action=argparse.BooleanOptionalAction)
         elif typing.get_origin(kind) is tuple:  # "tuple[str, ...]" -> one or more values
@@ -460,6 +474,9 @@ def error_line(e):
     return str(e).strip().splitlines()[-1].removeprefix(f"{type(e).__name__}: ")
 
 def check_folder(root):
+    if root.endswith((".tar", ".tar.gz", ".tgz")) and os.path.isfile(root):
+        raise DataError(f"--data {root!r} is an archive: unpack it first (mkdir -p data && tar -xf {root} -C data) and "
+                        "pass the folder it holds, or use --data cifar10, which downloads CIFAR-10")
     if os.path.isfile(root):
         raise DataError(f"--data {root!r} is a file; it takes a folder of images (or 'cifar10' or 'fake')")
     if not os.path.isdir(root):
@@ -495,23 +512,28 @@ def find_images(root):
     return samples, classes
 
 class ImageFiles(torch.utils.data.Dataset):
-    """(RGB PIL image, label) for every image file under root (see find_images)."""
-    def __init__(self, root):
-        self.root = root
+    """(RGB PIL image, label) for every image file under root (see find_images); JPEGs decoded down to decode_side."""
+    def __init__(self, root, decode_side=0):
+        self.root, self.decode_side = root, decode_side
         self.samples, self.classes = find_images(root)
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, i):
-        return read_image(self.samples[i][0]), self.samples[i][1]
+        return read_image(self.samples[i][0], self.decode_side), self.samples[i][1]
 
-def read_image(path):
-    """An image file as an RGB PIL image; 16-bit grayscale is scaled to 8 bits (convert() alone would clip it)."""
+def read_image(path, decode_side=0):
+    """An image file as an RGB PIL image; 16-bit grayscale is scaled to 8 bits (convert() alone would clip it). With
+    decode_side, a JPEG larger than that is decoded at 1/2, 1/4 or 1/8 of its size in the DCT (PIL's draft mode, several
+    times faster), never below decode_side px for the geometric mean of its sides."""
     from PIL import Image  # torchvision depends on Pillow
     try:
         with open(path, "rb") as f:
             img = Image.open(f)
+            shrink = decode_side / math.sqrt(img.width * img.height)
+            if img.format == "JPEG" and 0 < shrink <= 0.5:
+                img.draft(img.mode, (math.ceil(img.width * shrink), math.ceil(img.height * shrink)))
             img.load()
         if img.mode.startswith("I"):
             img = img.convert("I").point(lambda v: v / 256).convert("L")
@@ -724,32 +746,22 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
 
 # ---- the run around train(): set-up, recipe, schedule, resume, log, checkpoints, signals ----
 def setup(args):
-    """Before the model: --resume (the run keeps its own settings), the recipe, the seed, the device, torchrun,
-    bf16 and compile (auto: on with CUDA). Returns (args, device, the resumed checkpoint or None)."""
-    resumed = None
-    if args.resume:  # only these flags may change on resume
-        resumed, path = load_checkpoint(args.resume)
-        defaults = {f.name: f.default for f in dataclasses.fields(Args)}
-        keep = {k: getattr(args, k) for k in ("device", "compile", "amp", "num_workers", "stop_after")}  # this machine's
-        keep.update({k: getattr(args, k) for k in ("log_every", "save_minutes", "knn_every")  # the run's own unless given
-                     if getattr(args, k) != defaults[k]})
-        ignored = [f"--{name.replace('_', '-')}" for name, default in defaults.items() if name not in keep and
-                   name != "resume" and getattr(args, name) not in (default, resumed["args"].get(name))]
-        if ignored:
-            print(f"warning: --resume continues the run with its own settings; ignored: {', '.join(ignored)}")
-        args = Args(**{**resumed["args"], **keep, "resume": path})
-        if resumed.get("fresh"):  # a folder whose run stopped before its first checkpoint: start it again, there
-            print(f"note: {os.path.dirname(path)} holds no checkpoint (its run stopped before the first save): "
-                  "starting that run afresh in it", flush=True)
-            resumed = None
-    args.recipe = apply_recipe(args)
-    torch.manual_seed(args.seed)  # CPU runs are bit-exact; GPU kernels and torch.compile may differ slightly
+    """Before the model: the device, --resume (the run keeps its own settings), torchrun, the recipe, the seed, bf16
+    and compile (auto: on with CUDA; on the CPU prepare() times them). Returns (args, device, resumed checkpoint or None)."""
     if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
         raise DataError(f"unknown --device {args.device!r}; use 'cuda', 'cuda:N' or 'cpu'")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise DataError("--device cuda was asked for but no GPU is visible; use --device cpu")
-    device = init_distributed(torch.device(args.device))  # under torchrun: this rank's GPU
-    args.amp, args.compile = (device.type == "cuda" if v is None else v for v in (args.amp, args.compile))
+    device = init_distributed(torch.device(args.device))  # under torchrun: this rank's GPU; only rank 0 prints
+    resumed = None
+    if args.resume:
+        args, resumed = resume_settings(args)
+    args.recipe = apply_recipe(args)
+    torch.manual_seed(args.seed)  # CPU runs are bit-exact; GPU kernels and torch.compile may differ slightly
+    if device.type == "cuda" and args.amp is None:
+        args.amp = True
+    if device.type == "cuda" and args.compile is None:
+        args.compile = True
     before = resumed.get("world_size", 1) if resumed else WORLD
     if before != WORLD:  # keep the run's global batch, and so its lr and the order of its samples
         global_batch = args.batch_size * before
@@ -762,33 +774,69 @@ def setup(args):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return args, device, resumed
 
+def resume_settings(args):
+    """--resume: the run's own settings, except those of this machine and process (device, bf16, compile, workers,
+    --stop-after) and, when given again, --log-every, --save-minutes and --knn-every. Other flags given are named."""
+    resumed, path = load_checkpoint(args.resume)
+    saved = resumed["args"]
+    settings = Args(**saved)
+    settings.resume = path
+    ignored = []
+    for f in dataclasses.fields(Args):
+        value = getattr(args, f.name)
+        if f.name in ("device", "compile", "amp", "num_workers", "stop_after"):
+            setattr(settings, f.name, value)
+        elif value == f.default or value == saved.get(f.name) or f.name == "resume":
+            continue
+        elif f.name in ("log_every", "save_minutes", "knn_every"):
+            setattr(settings, f.name, value)
+        else:
+            ignored.append(f"--{f.name.replace('_', '-')}")
+    if ignored:
+        print(f"warning: --resume continues the run with its own settings; ignored: {', '.join(ignored)}")
+    if resumed.get("fresh"):  # a folder whose run stopped before its first checkpoint: start it again, there
+        print(f"note: {os.path.dirname(path)} holds no checkpoint (its run stopped before the first save): "
+              "starting that run afresh in it", flush=True)
+        resumed = None
+    return settings, resumed
+
 def apply_recipe(args):
-    """Fill the fields left at None from the recipe, check the values, return the recipe's name. 'auto' looks
+    """Fill the fields left at None from the recipe, check the values, say which recipe, return its name. 'auto' looks
     at the median short side of several images, so that one odd image does not decide."""
     recipe = args.recipe
-    if recipe == "auto" and args.device == "cpu" and "cpu" in RECIPES:
-        recipe = "cpu"  # a laptop: a small model and schedule, whatever the images' size
-        print("recipe auto: no GPU -> cpu (a small ViT at 32 px that learns in about 15 min on 2 cores; "
-              "--recipe cifar10 or imagenet for the GPU recipes)")
-    if recipe == "auto":
+    if args.data not in ("fake", "cifar10"):
+        check_folder(args.data)  # a missing folder, or a file: the only line
+    if recipe == "auto" and args.device == "cpu":  # a laptop: a small model and schedule, whatever the images' size
+        recipe = "cpu"
+        note = ("recipe auto: no GPU -> cpu (a small ViT at 32 px, sized for about 15 minutes on 2 cores; --recipe cifar10 "
+                "or imagenet for the GPU recipes)")
+    elif recipe == "auto":
         sides = sorted(peek_image_sides(args.data))
         recipe = "imagenet" if sides[len(sides) // 2] >= 64 else "cifar10"
-        if args.data not in ("fake", "cifar10"):
-            print(f"recipe auto: {len(sides)} images looked at, short sides {sides[0]} to {sides[-1]} px, "
-                  f"median {sides[len(sides) // 2]} px -> {recipe} (64 px or more: imagenet)")
+        note = (f"recipe auto: {len(sides)} images looked at, short sides {sides[0]} to {sides[-1]} px, median "
+                f"{sides[len(sides) // 2]} px -> {recipe} (64 px or more: imagenet)" if args.data not in ("fake", "cifar10") else "")
+    else:
+        note = ""
     if recipe not in RECIPES:
         raise DataError(f"unknown --recipe {recipe!r}; choose one of {sorted(RECIPES)} or 'auto'")
+    epochs_given, images_given = args.epochs is not None, args.images is not None
     for name, value in RECIPES[recipe].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    for name in ("img_size", "patch_size", "batch_size", "epochs", "blr", "log_every", "benchmark_steps"):
-        if getattr(args, name) <= 0:
+    if epochs_given and not args.resume:  # a run is sized by --epochs, else by --images, else by its recipe
+        args.images = None
+    elif images_given and not epochs_given:
+        args.epochs = None
+    for name in ("img_size", "patch_size", "batch_size", "epochs", "images", "blr", "log_every", "benchmark_steps"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise DataError(f"--{name.replace('_', '-')} must be more than 0, not {getattr(args, name)}")
     for name in ("steps", "stop_after", "num_workers", "min_lr", "weight_decay", "warmup_epochs", "save_minutes",
                  "knn_every", "knn_train", "knn_val"):
-        if getattr(args, name) < 0:
+        if getattr(args, name) is not None and getattr(args, name) < 0:
             raise DataError(f"--{name.replace('_', '-')} must be 0 or more, not {getattr(args, name)}")
     check_args(args)  # the method's own flags
+    if note:  # after the checks, so that an error is the only line
+        print(note)
     return recipe
 
 def require(args, name, ok, rule):
@@ -805,8 +853,12 @@ def build_encoder(args, **kwargs):
     except ValueError as e:  # vit.py checks the size
         raise DataError(f"--model{'-dims' if args.model_dims else ''} {e}") from None
 
-def prepare(model, args, device, lr):
-    """Print the run's first line; return the model to train: in DDP on many GPUs, compiled with --compile."""
+def prepare(model, optimizer, args, device, lr, step, total_steps=0):
+    """Choose bf16 and compile where left at auto on the CPU (cpu_step_probe), print the run's first line, and return
+    the model to train: in DDP on many GPUs, compiled with --compile. step(train_model) is one training step on a
+    synthetic batch; total_steps, the run's length, decides whether a probe or a compilation can pay for itself."""
+    if args.amp is None or args.compile is None:  # only on the CPU: setup() turns both on with CUDA
+        cpu_step_probe(model, optimizer, args, step, total_steps)
     print(f"{METHOD} | recipe {args.recipe} | ViT-{args.model_dims or args.model}/{args.patch_size} at {args.img_size} px "
           f"({sum(p.numel() for p in model.encoder.parameters()) / 1e6:.1f} M encoder, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M total) | batch {WORLD * args.batch_size} = "
@@ -815,6 +867,47 @@ def prepare(model, args, device, lr):
     if WORLD > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     return torch.compile(model) if args.compile else model
+
+def cpu_step_probe(model, optimizer, args, step, total_steps):
+    """--amp / --compile left at auto on the CPU. bf16 autocast is faster on CPUs that compute bf16 natively and
+    slower on others (and per method), so time the step in fp32 and in bf16, interleaved, and take bf16 only if it is
+    5% faster. torch.compile (inductor) costs about a minute on 2 cores, so it is tried only when the run would take
+    30 minutes or more, and kept only if its steps are faster. A run under 2 minutes is not probed (fp32, eager).
+    The weights, the optimizer and the RNG are put back: the run is the one it would be without the probe. Every
+    rank takes rank 0's choice."""
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer_state = optimizer.state_dict()  # a new optimizer's: no state yet
+    cpu, seconds = torch.device("cpu"), {}
+    amps = [False, True] if args.amp is None else [args.amp]
+    args.amp, compile_auto, args.compile = amps[0], args.compile is None, bool(args.compile)
+    with torch.random.fork_rng(devices=[]):
+        first = timed(lambda: step(model), 1, cpu)  # also the warm-up
+        if rank0(total_steps * first >= 120):
+            for amp in amps * 2:  # interleaved: the machine's speed drifts
+                args.amp = amp
+                seconds[amp] = min(seconds.get(amp, math.inf), timed(lambda: step(model), 1, cpu))
+            args.amp = rank0(seconds[True] < 0.95 * seconds[False] if len(amps) == 2 else amps[0])
+            if compile_auto and rank0(total_steps * seconds[args.amp] >= 30 * 60):
+                args.compile, compiled = True, torch.compile(model)
+                timed(lambda: step(compiled), 2, cpu)  # compiles
+                seconds["compiled"] = timed(lambda: step(compiled), 2, cpu)
+                args.compile = rank0(seconds["compiled"] < seconds[args.amp])
+    model.load_state_dict(weights)
+    optimizer.load_state_dict(optimizer_state)
+    optimizer.zero_grad(set_to_none=True)
+    if seconds:
+        names = {False: "fp32", True: "bf16", "compiled": "compiled"}
+        print(f"cpu step probe: {', '.join(f'{names[k]} {v:.2f} s' for k, v in seconds.items())} per step -> "
+              f"bf16={args.amp} compile={args.compile}"
+              f"{'' if 'compiled' in seconds or not compile_auto else ' (compile: tried for runs of 30 min or more)'}")
+
+def rank0(value):
+    """Rank 0's value on every rank: a choice made from timings, which differ between ranks, or a folder rank 0 made."""
+    if WORLD > 1:
+        box = [value]
+        dist.broadcast_object_list(box)
+        value = box[0]
+    return value
 
 def autocast(args):
     """bf16 autocast with --amp (bf16 needs no gradient scaler)."""
@@ -834,25 +927,49 @@ def to_device(batch, device):
         return [to_device(b, device) for b in batch]
     return batch.to(device, non_blocking=True)
 
+def decode_side(transform):
+    """How large an image must stay so that each view keeps its resolution: the smallest crop a RandomResizedCrop of
+    transform (or of its .crops) can take, scale[0] of the area at aspect 3:4, must still be as large as its output."""
+    crops = [part for crop in getattr(transform, "crops", [transform])
+             for part in (crop.transforms if isinstance(crop, T.Compose) else [crop])]
+    return max([c.size[0] / math.sqrt(c.scale[0] * min(c.ratio[0], 1 / c.ratio[1]))
+                for c in crops if isinstance(c, T.RandomResizedCrop)], default=0)
+
+def plan(args, num_images, global_batch):
+    """The run's length on a data set of num_images: (steps per epoch, steps, warm-up steps, whether the warm-up was
+    cut). A run sized by --images (the CPU recipe) gets its --epochs here, so that it sees the same images on a folder
+    of any size; its warm-up (a tenth) and its kNN monitor (every fifth) follow the run."""
+    steps_per_epoch = num_images // global_batch  # whole batches: the rest of an epoch is left for the next
+    if steps_per_epoch == 0:
+        raise DataError(f"{args.data} has {num_images} images, fewer than one batch of {global_batch}")
+    if args.epochs is None:
+        args.epochs = args.images / (steps_per_epoch * global_batch)
+    if args.warmup_epochs is None:
+        args.warmup_epochs = args.epochs / 10
+    if args.knn_every is None:
+        args.knn_every = args.epochs / 5 if args.images else 1.0
+    total = args.steps or max(1, round(args.epochs * steps_per_epoch))
+    warmup = round(total * args.warmup_epochs / args.epochs)
+    cut = warmup > total // 2  # a warm-up longer than half the run (--epochs 5, 10 of warm-up): cut, so the lr peaks
+    return steps_per_epoch, total, min(warmup, total // 2), cut
+
 class Run:
     """The loop's bookkeeping: data, schedule length, run folder or resumed state, log, checkpoints, signals."""
     def __init__(self, args, model, optimizer, transform, device):
+        self.started = time.monotonic()  # the run's clock: the data set, the CPU probe and compilation count
         self.args, self.model, self.optimizer, self.device = args, model, optimizer, device
         self.dataset = Augmented(build_dataset(args.data, "train", args.img_size), transform)
+        if isinstance(self.dataset.base, ImageFiles):  # photographs much larger than the crops: a smaller decode
+            self.dataset.base.decode_side = decode_side(transform)
         self.global_batch = args.batch_size * WORLD  # --batch-size is per GPU
-        self.steps_per_epoch = len(self.dataset) // self.global_batch
-        if self.steps_per_epoch == 0:
-            raise DataError(f"{args.data} has {len(self.dataset)} images, fewer than one batch of {self.global_batch}")
+        self.steps_per_epoch, self.total_steps, self.warmup_steps, self.warmup_cut = plan(args, len(self.dataset),
+                                                                                          self.global_batch)
         self.sampler = EpochSampler(len(self.dataset), args.seed, args.batch_size, RANK, WORLD)
         self.loader = torch.utils.data.DataLoader(
             self.dataset, args.batch_size, sampler=self.sampler, drop_last=True, collate_fn=collate,
             num_workers=args.num_workers, pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0,
             worker_init_fn=worker_ignores_signals,
             generator=torch.Generator().manual_seed(args.seed))  # its own generator: the global RNG (masks) is untouched
-        self.total_steps = args.steps or max(1, round(args.epochs * self.steps_per_epoch))
-        warmup = round(self.total_steps * args.warmup_epochs / args.epochs)
-        self.warmup_capped = warmup > self.total_steps // 2  # e.g. --epochs 5 with a 10-epoch warm-up: the lr
-        self.warmup_steps = min(warmup, self.total_steps // 2)  # would never peak
         self.step, self.stop, self.losses = 0, [], []
         self.seconds_before, self.knn = 0.0, None  # training time of the process(es) before a --resume
 
@@ -870,28 +987,32 @@ class Run:
             if resumed.get("num_images", len(self.dataset)) != len(self.dataset):
                 print(f"warning: {args.data} now has {len(self.dataset)} images, the run started with "
                       f"{resumed['num_images']}: from here on the samples are drawn from the changed data set")
-        run_dir = [os.path.dirname(args.resume) if args.resume else make_run_dir(args) if RANK == 0 else None]
-        if WORLD > 1:  # the folder rank 0 made
-            dist.broadcast_object_list(run_dir)
-        self.dir, self.ckpt_path = run_dir[0], os.path.join(run_dir[0], "checkpoint.pt")
+        run_dir = None
+        if args.resume:
+            run_dir = os.path.dirname(args.resume)
+        elif RANK == 0:
+            run_dir = make_run_dir(args)
+        self.dir = rank0(run_dir)  # under torchrun: the folder rank 0 made
+        self.ckpt_path = os.path.join(self.dir, "checkpoint.pt")
         if RANK == 0:  # the settings and the code that produced this run
             try:
-                pathlib.Path(self.dir, "args.json").write_text(json.dumps(dict(dataclasses.asdict(args), world_size=WORLD), indent=1))
+                pathlib.Path(self.dir, "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=1))
                 shutil.copyfile(__file__, os.path.join(self.dir, f"{METHOD}.py"))
             except OSError as e:
                 if not args.resume:  # a new folder that holds nothing yet
                     shutil.rmtree(self.dir, ignore_errors=True)
                 raise DataError(f"cannot write to run folder {self.dir}: {os.strerror(e.errno) if e.errno else e}"
                                 f"{' (disk full?)' if e.errno == 28 else ''}; nothing was trained") from None
-        print(f"{len(self.dataset)} images | {self.steps_per_epoch} steps/epoch | {self.total_steps} steps "
-              f"({self.total_steps / self.steps_per_epoch:.1f} epochs, warm-up {self.warmup_steps} steps"
-              f"{' = half the run' if self.warmup_capped else ''}) | writing to {self.dir}")
+        budget = f" = {args.images:,} images (--images)" if args.images and not args.steps else ""
+        print(f"{len(self.dataset)} images | {self.steps_per_epoch} steps/epoch | {self.total_steps} steps{budget} "
+              f"({self.total_steps / self.steps_per_epoch:.4g} epochs, warm-up {self.warmup_steps} steps"
+              f"{' = half the run' if self.warmup_cut else ''}) | "
+              f"writing to {self.dir}")
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, self.request_stop)
         self.end_step = min(self.total_steps, self.step + args.stop_after) if args.stop_after else self.total_steps
         self.logger = Logger(self.dir, self.total_steps, self.global_batch, self.step, compiling=args.compile)
         self.last_save = time.monotonic()
-        self.started = time.monotonic()
         if args.knn_every:
             with torch.random.fork_rng(devices=[]):  # its loader draws a seed: not from the run's RNG
                 self.knn = KnnMonitor.build(args, self.device)
@@ -926,15 +1047,18 @@ class Run:
                 yield to_device(batch[0], self.device)  # the views; the labels are not used
                 if self.step == self.end_step or self.stop or self.step % self.steps_per_epoch == 0:
                     break  # the next epoch reshuffles
-        print(f"{'stopped' if self.step < self.total_steps else 'finished'} at step {self.step}/{self.total_steps}; "
-              f"checkpoint: {self.ckpt_path}")
+        if not os.path.exists(self.ckpt_path):  # stopped before the first step: nothing to save
+            print(f"stopped before the first step; no checkpoint: --resume {self.dir} starts this run afresh")
+        else:
+            print(f"{'stopped' if self.step < self.total_steps else 'finished'} at step {self.step}/{self.total_steps}; "
+                  f"checkpoint: {self.ckpt_path}")
 
     def after_step(self, loss, lr, extras):
         """Count the step; log every --log-every steps; save every --save-minutes, at the end and on a signal."""
         self.losses.append(loss)
         self.step += 1
         sync_stop(self.stop, self.device)
-        if self.step % self.args.log_every == 0 or self.step == self.end_step:
+        if self.step % self.args.log_every == 0 or self.step == self.end_step or self.stop:
             mean_loss = check_finite(self.losses, self.step - len(self.losses) + 1)
             self.logger.log(self.step, (self.step - 1) // self.steps_per_epoch, mean_loss, lr,
                             {k: rank_mean(v).item() for k, v in extras.items()}, self.seconds())
@@ -965,6 +1089,7 @@ class Run:
                         "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},
                 "encoder": self.model.encoder.state_dict(), "encoder_config": self.model.encoder.config,
                 **encoders_to_save(self.model), "efficiency": self.efficiency()})
+            plot_curves(self.logger.path)  # with the checkpoint: a run without a monitor has its curves too
         self.last_save = time.monotonic()
 
     def efficiency(self):
@@ -1000,9 +1125,7 @@ def load_checkpoint(path):
     path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
     settings = os.path.join(os.path.dirname(path), "args.json")
     if not os.path.isfile(path) and os.path.isfile(settings):  # the run was stopped before its first checkpoint
-        saved = json.loads(pathlib.Path(settings).read_text())
-        saved.pop("world_size", None)
-        return {"fresh": True, "args": saved, "method": METHOD}, path
+        return {"fresh": True, "args": json.loads(pathlib.Path(settings).read_text()), "method": METHOD}, path
     if not os.path.isfile(path):
         raise DataError(f"checkpoint {path!r} does not exist")
     try:
@@ -1053,7 +1176,7 @@ class Logger:
         if self.compiling:
             eta_text, self.compiling = "--:-- (compiling)", False
         print(f"step {step:>7d}/{self.total} | epoch {epoch:>3d} | loss {loss:.4f} | lr {lr:.2e} | {ips:>6.0f} img/s | "
-              f"ETA {eta_text} | data wait {100 * wait:.0f}%" + "".join(f" | {k} {v:.4g}" for k, v in extras.items()), flush=True)
+              f"ETA {eta_text} | data wait {100 * wait:.0f}%{' (data-bound)' if wait > 0.1 else ''}" + "".join(f" | {k} {v:.4g}" for k, v in extras.items()), flush=True)
         if RANK == 0:
             with open(self.path, "a") as f:
                 f.write(json.dumps({"step": step, "epoch": epoch, "train/loss": loss, "train/lr": lr, "train/img_per_s": ips,
@@ -1089,7 +1212,8 @@ class KnnMonitor:
         for split, ds in (("train", train), ("val", val)):
             mine = torch.utils.data.Subset(ds, list(range(RANK, len(ds), WORLD)))
             workers = min(args.num_workers, 4) if len(mine) > 2000 else 0  # starting workers costs more than a few images
-            loader = torch.utils.data.DataLoader(mine, batch_size=256, num_workers=workers)
+            loader = torch.utils.data.DataLoader(mine, batch_size=256, num_workers=workers,
+                                                 worker_init_fn=worker_ignores_signals)
             self.images[split] = torch.cat([x for x, _ in loader]) if len(mine) else None
         self.labels = labels  # (train labels, val labels) of the whole subsets
 
@@ -1158,10 +1282,10 @@ def knn_predict(train_f, train_y, test_f, k=20, T=0.07, num_classes=None, chunk=
         preds.append(votes.argmax(dim=1))
     return torch.cat(preds)
 
-def save_labelled_grid(rows, labels, path, min_side=96):
+def save_labelled_grid(rows, labels, path, title="", min_side=96):
     """A PNG of rows of images ((n, 3, H, W) each, in [0, 1]) on rank 0, small images scaled up (nearest, so the
-    pixels stay visible) to at least min_side px, each row's label on its left. Every rank calls it: the forward
-    that made the rows may have gathered across ranks, so no rank may skip it."""
+    pixels stay visible) to at least min_side px, each row's label on its left, the title above. Every rank calls it:
+    the forward that made the rows may have gathered across ranks, so no rank may skip it."""
     if RANK != 0:
         return
     from PIL import Image, ImageDraw  # torchvision depends on Pillow
@@ -1169,31 +1293,37 @@ def save_labelled_grid(rows, labels, path, min_side=96):
     grid = torchvision.utils.make_grid(torch.cat(rows).float().clamp(0, 1), nrow=len(rows[0]), padding=1, pad_value=1.0)
     grid = torch.nn.functional.interpolate(grid[None], scale_factor=scale, mode="nearest")[0]
     picture = T.functional.to_pil_image(grid.cpu())
-    canvas = Image.new("RGB", (picture.width + 100, picture.height), "white")
-    canvas.paste(picture, (100, 0))
+    canvas = Image.new("RGB", (picture.width + 100, picture.height + 24), "white")
+    canvas.paste(picture, (100, 24))
     draw = ImageDraw.Draw(canvas)
+    draw.text((6, 6), title, fill="black")
     for i, label in enumerate(labels):
-        draw.text((6, int((i + 0.5) * picture.height / len(rows)) - 6), label, fill="black")
+        draw.text((6, 24 + int((i + 0.5) * picture.height / len(rows)) - 6), label, fill="black")
     canvas.save(path)
 
 def plot_curves(log_path):
-    """curves.png next to log.jsonl: the loss and the kNN accuracy against minutes (needs matplotlib, optional)."""
+    """curves.png next to log.jsonl: the loss and the kNN accuracy against minutes (needs matplotlib, optional).
+    Returns what it drew, {"train/loss": [(minutes, loss), ...], "knn": [...]}, or None without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return
+        return None
+    if not os.path.exists(log_path):  # nothing logged yet
+        return None
     rows = [json.loads(line) for line in pathlib.Path(log_path).read_text().splitlines() if line.endswith("}")]
-    fig, (ax_loss, ax_knn) = plt.subplots(1, 2, figsize=(9, 3.2))
-    for ax, key, label in ((ax_loss, "train/loss", "training loss"), (ax_knn, "knn", "kNN top-1 (%)")):
-        points = [(r["minutes"], r[key]) for r in rows if key in r and "minutes" in r]
-        ax.plot(*zip(*points), marker="o" if key == "knn" else None) if points else None
+    drawn = {key: [(r["minutes"], r[key]) for r in rows if key in r] for key in ("train/loss", "knn")}
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for ax, (key, points), label in zip(axes, drawn.items(), ("training loss", "kNN top-1 (%)")):
+        if points:
+            ax.plot(*zip(*points), marker="o" if key == "knn" or len(points) < 20 else None)
         ax.set(xlabel="minutes of training", ylabel=label, title=f"{METHOD}: {label}")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(os.path.join(os.path.dirname(log_path), "curves.png"), dpi=100)
     plt.close(fig)
+    return drawn
 
 # ---- benchmarks ----
 def timed(fn, n, device):
@@ -1206,30 +1336,39 @@ def timed(fn, n, device):
     sync()
     return (time.perf_counter() - t) / n
 
-def run_benchmark(args, device, step_fn):
-    """img/s of step_fn(eager=False), one training step on synthetic data on the device, after 10 warm-up steps
-    (compilation included); its FLOPs, counted on one eager step; MFU against the device's peak."""
+def run_benchmark(args, model, device, step):
+    """img/s of step(train_model), one training step on a synthetic batch on the device, after 10 warm-up steps
+    (compilation included), for each choice left at auto of bf16 and compile (with CUDA both are on; on the CPU all
+    four are timed, as the probe of a run chooses among them); FLOPs counted on one step; MFU against the peak."""
     from torch.utils.flop_counter import FlopCounterMode
-    timed(lambda: step_fn(False), 10, device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    seconds = timed(lambda: step_fn(False), args.benchmark_steps, device)
+    choices = [(amp, compiled) for amp in ([False, True] if args.amp is None else [args.amp])
+               for compiled in ([False, True] if args.compile is None else [args.compile])]
+    args.amp = choices[0][0]
     with FlopCounterMode(display=False) as counter:
-        step_fn(True)
-    flops = counter.get_total_flops()
-    peak = args.peak_tflops or measure_peak_tflops(device, torch.bfloat16 if args.amp else torch.float32)
-    mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    r = {"method": METHOD, "device": name, "torch": torch.__version__, "model": args.model_dims or args.model,
-         "img_size": args.img_size, "patch_size": args.patch_size, "batch_size": args.batch_size, "amp_bf16": args.amp,
-         "compile": args.compile, "img_per_s": args.batch_size / seconds, "ms_per_step": 1000 * seconds,
-         "gflop_per_img": flops / args.batch_size / 1e9, "tflops": flops / seconds / 1e12, "peak_tflops": peak,
-         "mfu": flops / seconds / 1e12 / peak, "peak_mem_gib": mem}
-    print(f"benchmark | {name} | torch {torch.__version__} | {r['model']}/{args.patch_size} at {args.img_size} px | "
-          f"batch {args.batch_size} | bf16 {args.amp} | compile {args.compile}\nbenchmark | {r['img_per_s']:,.0f} img/s | "
-          f"{r['ms_per_step']:.1f} ms/step | {r['gflop_per_img']:.1f} GFLOP/img (fwd+bwd) | {r['tflops']:.1f} TFLOP/s | "
-          f"MFU {100 * r['mfu']:.1f}% of {peak:.3g} TFLOP/s | peak memory {'n/a' if mem is None else f'{mem:.2f} GiB'}")
-    print(json.dumps(r))
+        step(model)
+    flops, name = counter.get_total_flops(), torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    first = None
+    for args.amp, args.compile in choices:
+        train_model = torch.nn.parallel.DistributedDataParallel(model) if WORLD > 1 else model
+        train_model = torch.compile(train_model) if args.compile else train_model
+        timed(lambda: step(train_model), 10, device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        seconds = timed(lambda: step(train_model), args.benchmark_steps, device)
+        first = first or seconds
+        peak = args.peak_tflops or measure_peak_tflops(device, torch.bfloat16 if args.amp else torch.float32)
+        mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        r = {"method": METHOD, "device": name, "torch": torch.__version__, "model": args.model_dims or args.model,
+             "img_size": args.img_size, "patch_size": args.patch_size, "batch_size": args.batch_size, "amp_bf16": args.amp,
+             "compile": args.compile, "img_per_s": args.batch_size / seconds, "ms_per_step": 1000 * seconds,
+             "speedup": first / seconds, "gflop_per_img": flops / args.batch_size / 1e9, "tflops": flops / seconds / 1e12,
+             "peak_tflops": peak, "mfu": flops / seconds / 1e12 / peak, "peak_mem_gib": mem}
+        print(f"benchmark | {name} | torch {torch.__version__} | {r['model']}/{args.patch_size} at {args.img_size} px | "
+              f"batch {args.batch_size} | bf16 {args.amp} | compile {args.compile}\nbenchmark | {r['img_per_s']:,.0f} img/s "
+              f"({r['speedup']:.2f}x the first) | {r['ms_per_step']:.1f} ms/step | {r['gflop_per_img']:.2f} GFLOP/img "
+              f"(fwd+bwd) | {r['tflops']:.3g} TFLOP/s | MFU {100 * r['mfu']:.1f}% of {peak:.3g} TFLOP/s | peak memory "
+              f"{'n/a' if mem is None else f'{mem:.2f} GiB'}")
+        print(json.dumps(r), flush=True)
     return r
 
 def measure_peak_tflops(device, dtype):

@@ -1,5 +1,6 @@
 """Copy the shared blocks of mae.py (the machinery at the end, the SHARED Args fields) into the other method
-files, after editing them in mae.py: `python .ci/sync_shared.py`. tests/test_shared_blocks.py checks the copies."""
+files, and its sections marked "(also in evaluate.py)" into evaluate.py, after editing them in mae.py:
+`python .ci/sync_shared.py`. tests/test_shared_blocks.py checks the copies."""
 import os
 import re
 
@@ -23,3 +24,16 @@ for name in FILES:
     with open(os.path.join(ROOT, name), "w") as f:
         f.write(text)
     print(f"{name}: shared blocks copied from mae.py")
+
+SECTION = re.compile(r"^# ---- (.+?) ----\n", re.M)
+parts = SECTION.split(machinery.replace("# ==== end SHARED ====", ""))
+text = read("evaluate.py")
+for name, body in zip(parts[1::2], parts[2::2]):
+    if name.endswith("(also in evaluate.py)"):
+        start = text.index(f"# ---- {name} ----\n")
+        end = SECTION.search(text, start + 1) or re.search(r"^# -{10,}", text[start + 1:], re.M)
+        end = end.start() if end.re is SECTION else start + 1 + end.start()
+        text = text[:start] + f"# ---- {name} ----\n" + body.rstrip() + "\n\n" + text[end:]
+with open(os.path.join(ROOT, "evaluate.py"), "w") as f:
+    f.write(text)
+print("evaluate.py: its shared sections copied from mae.py")

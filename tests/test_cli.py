@@ -39,16 +39,16 @@ def test_docstring_smoke_run_then_evaluate(tmp_path, cli, method):
               "--linear-epochs", "5", "--with-random-init", "--out", str(tmp_path / "both.json")).stdout
     assert "kNN top-1" in out and "random init" in out
     which = state["default_encoder"]
-    result = json.loads((tmp_path / "smoke" / f"eval-{which}-cls.json").read_text())
+    result = json.loads((tmp_path / "smoke" / f"eval-{which}-cls-fake.json").read_text())
     assert 0 <= result["knn_top1"] <= 100 and 0 <= result["linear_top1"] <= 100
     assert result["method"] == method and result["step"] == state["step"] and not result["random_init"]
-    baseline = json.loads((tmp_path / "smoke" / f"eval-{which}-cls-random.json").read_text())
+    baseline = json.loads((tmp_path / "smoke" / f"eval-{which}-cls-fake-random.json").read_text())
     assert baseline["random_init"] and baseline["method"] == method
     if "target_encoder" in state:  # the other encoder, and another read-out, in-process (the command line is above)
         evaluate.evaluate(evaluate.parse_args(["--ckpt", str(tmp_path / "smoke"), "--data", "fake", "--device", "cpu",
                                                "--num-workers", "0", "--encoder", "target", "--protocols", "knn",
                                                "--pool", "mean"]))
-        assert json.loads((tmp_path / "smoke" / "eval-target-mean.json").read_text())["encoder"] == "target"
+        assert json.loads((tmp_path / "smoke" / "eval-target-mean-fake.json").read_text())["encoder"] == "target"
 
 
 def help_text(module, capsys):

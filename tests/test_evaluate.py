@@ -183,14 +183,14 @@ def test_finetune_smoke_run_and_its_resume_continue_the_same_run(tmp_path):
                   finetune_batch_size=32, max_train_images=128, finetune_blr=1e-2, finetune_warmup_epochs=1)
     full = evaluate.evaluate(evaluate.Args(ckpt=str(ckpt), out=str(tmp_path / "full.json"), **common))
     assert 0 <= full["finetune_top1"] <= 100
-    finished = torch.load(tmp_path / "eval-online-cls-finetune.pt", weights_only=True)
+    finished = torch.load(tmp_path / "eval-online-cls-fake-128xall-finetune.pt", weights_only=True)
     assert finished["step"] == 8
-    os.remove(tmp_path / "eval-online-cls-finetune.pt")
+    os.remove(tmp_path / "eval-online-cls-fake-128xall-finetune.pt")
     part = evaluate.evaluate(evaluate.Args(ckpt=str(ckpt), stop_after=3, **common))
     assert part["finetune_top1"] is None
-    assert torch.load(tmp_path / "eval-online-cls-finetune.pt", weights_only=True)["step"] == 3
+    assert torch.load(tmp_path / "eval-online-cls-fake-128xall-finetune.pt", weights_only=True)["step"] == 3
     resumed = evaluate.evaluate(evaluate.Args(ckpt=str(ckpt), resume=True, **common))
-    again = torch.load(tmp_path / "eval-online-cls-finetune.pt", weights_only=True)
+    again = torch.load(tmp_path / "eval-online-cls-fake-128xall-finetune.pt", weights_only=True)
     assert again["step"] == 8
     for k, v in finished["model"].items():
         assert torch.equal(again["model"][k], v), k  # bit-exact on the CPU
@@ -205,7 +205,7 @@ def test_cli_protocol_all_side_by_side(tmp_path, cli):
         torch.save({"method": "mae" if name == "a" else "moco", "step": 5, "encoder": vit.state_dict(),
                     "encoder_config": vit.config}, tmp_path / name / "checkpoint.pt")
     out = cli("evaluate.py", "--ckpt", str(tmp_path / "a"), str(tmp_path / "b"), "--with-random-init",
-              "--protocol", "all", "--data", "fake", "--device", "cpu", "--num-workers", "0", "--linear-epochs", "3",
+              "--protocols", "all", "--data", "fake", "--device", "cpu", "--num-workers", "0", "--linear-epochs", "3",
               "--finetune-epochs", "1", "--finetune-batch-size", "64", "--max-train-images", "256",
               "--subsets-dir", str(tmp_path / "subsets"), "--out", str(tmp_path / "all.json"),
               "--corruptions", "contrast").stdout

@@ -168,7 +168,7 @@ def test_cli_chain_mae_grafting_evaluate_and_gradient_analysis(mae_run, tmp_path
     import evaluate  # in-process from here on: the command lines are the same parse_args() and train()
     evaluate.evaluate(evaluate.parse_args(["--ckpt", str(ckpt), "--data", "fake", "--device", "cpu", "--num-workers", "0",
                                            "--linear-epochs", "5"]))
-    result = json.loads((tmp_path / "g" / "eval-online-cls.json").read_text())
+    result = json.loads((tmp_path / "g" / "eval-online-cls-fake.json").read_text())
     assert result["method"] == "grafting" and 0 <= result["knn_top1"] <= 100
 
     def analyze(samples):

@@ -19,5 +19,5 @@ def test_mae_on_real_cifar10_then_evaluate(tmp_path, cli):
     assert log[-1]["train/loss"] < 0.8 * log[0]["train/loss"], [r["train/loss"] for r in log]
     cli("evaluate.py", "--ckpt", str(tmp_path / "real" / "checkpoint.pt"), "--data", DATA, "--device", "cpu",
         "--protocols", "knn", "--max-train-images", "5000", "--num-workers", "2")
-    result = json.loads((tmp_path / "real" / "eval-online-cls.json").read_text())
+    result = json.loads((tmp_path / "real" / "eval-online-cls-cifar10-5000xall.json").read_text())
     assert result["n_val"] == 10000 and result["knn_top1"] > 20.0

@@ -191,9 +191,9 @@ def test_11_evaluate_creates_out_folders_keeps_earlier_results_and_finished_fine
     assert "knn_top1" in both and "linear_top1" in both  # the first run's result is kept
     ft = ["--protocols", "finetune", "--finetune-epochs", "1", "--finetune-batch-size", "100", "--max-train-images", "200"]
     assert run(*base, *ft).returncode == 0
-    finished = (tmp_path / "m" / "eval-online-cls-finetune.pt").read_bytes()
+    finished = (tmp_path / "m" / "eval-online-cls-fake-200xall-finetune.pt").read_bytes()
     one_line_error(run(*base, *ft), r"already holds a fine-tuning run .*--resume")
-    assert (tmp_path / "m" / "eval-online-cls-finetune.pt").read_bytes() == finished
+    assert (tmp_path / "m" / "eval-online-cls-fake-200xall-finetune.pt").read_bytes() == finished
 
 
 def test_12_resumed_log_has_each_step_once(tmp_path):
