@@ -345,6 +345,26 @@ def save_reconstructions(model, images, path, title="", seed=0):
     model.train()
 
 
+def save_labelled_grid(rows, labels, path, title="", min_side=96):
+    """A PNG of rows of images ((n, 3, H, W) each, in [0, 1]) on rank 0, small images scaled up (nearest, so the
+    pixels stay visible) to at least min_side px, each row's label on its left, the title above. Every rank calls it:
+    the forward that made the rows may have gathered across ranks, so no rank may skip it. (Also in cmae.py.)"""
+    if RANK != 0:
+        return
+    from PIL import Image, ImageDraw  # torchvision depends on Pillow
+    scale = max(1, -(-min_side // rows[0].shape[-2]))
+    grid = torchvision.utils.make_grid(torch.cat(rows).float().clamp(0, 1), nrow=len(rows[0]), padding=1, pad_value=1.0)
+    grid = torch.nn.functional.interpolate(grid[None], scale_factor=scale, mode="nearest")[0]
+    picture = T.functional.to_pil_image(grid.cpu())
+    canvas = Image.new("RGB", (picture.width + 100, picture.height + 24), "white")
+    canvas.paste(picture, (100, 24))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((6, 6), title, fill="black")
+    for i, label in enumerate(labels):
+        draw.text((6, 24 + int((i + 0.5) * picture.height / len(rows)) - 6), label, fill="black")
+    canvas.save(path)
+
+
 # ---------------------------------------------------------------- the training step
 def lr_at(step, total_steps, warmup_steps, peak_lr, min_lr, start_lr=0.0):
     """The lr schedule, per step: a linear warm-up from start_lr (0 unless a method says) to peak_lr, then a
@@ -446,14 +466,6 @@ class Args:
     """val images of the kNN monitor (a fixed random subset, evaluate.py --max-val-images)"""
     save_minutes: float = 10.0
     """minutes between checkpoints, so a hard kill (SIGKILL, a power cut) loses at most this much; one is also written at the end and on Ctrl-C, SIGTERM or SIGHUP (to the main process or its whole process group)"""
-    benchmark: bool = False
-    """measure training speed instead of training: img/s, TFLOP/s and MFU on synthetic data already on the device"""
-    benchmark_steps: int = 30
-    """timed steps for --benchmark (after 10 warm-up steps, which include compilation), or batches for --benchmark-data"""
-    benchmark_data: bool = False
-    """measure the input pipeline instead of training: img/s of the data loader with --num-workers workers (and per worker), then the device side of the views"""
-    peak_tflops: float = 0.0
-    """the device's peak TFLOP/s for MFU; 0 measures it with a large matmul in the training dtype"""
     # ==== CMAE specific ====
     mask_ratio: float = 0.65
     """fraction of patches removed before the online encoder (official: 0.65)"""
@@ -534,13 +546,10 @@ def train(args):
     lr = args.blr * args.batch_size * WORLD / 256  # the paper's linear scaling rule, on the global batch
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, betas=(0.9, 0.95),
                                   fused=device.type == "cuda")
-    views = [torch.zeros(args.batch_size, 3, args.img_size, args.img_size, device=device) for _ in range(2)]  # a synthetic batch, to time
-    step = lambda train_model: train_step(model, train_model, optimizer, views, lr, args)  # the step (--benchmark, probe)
-    if args.benchmark:
-        return run_benchmark(args, model, device, step)
+    # a synthetic batch and one step on it, what the CPU probe in prepare() (and .ci/benchmark.py) times
+    views = [torch.zeros(args.batch_size, 3, args.img_size, args.img_size, device=device) for _ in range(2)]
+    step = lambda train_model: train_step(model, train_model, optimizer, views, lr, args)
     run = Run(args, model, optimizer, train_transform(args), device)  # the data and the schedule's length
-    if args.benchmark_data:
-        return run_data_benchmark(args, run.loader, device, lambda batch: device_views(batch, args))
     train_model = prepare(model, optimizer, args, device, lr, step, run.total_steps)  # bf16? compile? DDP on many GPUs
     if args.vis_every is None:  # every 10 epochs, or 5 pictures in a run sized by --images
         args.vis_every = args.epochs / 5 if args.images else 10
@@ -670,16 +679,70 @@ class CropViews:
 # ==== end SHARED ====
 
 
-# ==== SHARED: machinery, identical in every method file (tests/test_shared_blocks.py); the method ends above ====
-# What no method does differently: flags, data, torchrun, the run around train() (resume, run folder, log,
-# checkpoints, signals), benchmarks, the entry point. Sections marked "also in evaluate.py" are there too.
+# ==== SHARED: many GPUs, the helpers a two-view method calls on its split batch (identical in the six files) ====
+# Under torchrun (WORLD > 1, set up by the machinery); with one process each is the plain operation. What each
+# method does with them is in its own code; its docstring's "Many GPUs" list says where.
+class AllReduceSum(torch.autograd.Function):
+    """x summed over all ranks. The backward pass sums the gradient over the ranks as well: every rank's loss
+    depends on the sum, so each rank's own x gets the gradient of all the ranks' losses."""
 
-# The machinery's own imports: here, not at the top, so that the file opens on the method (Python has run
-# them before any function is called; a few repeat one of the method's).
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+def all_reduce_sum(x):
+    """x summed over the ranks: a statistic of the global batch from this rank's part of it (differentiable,
+    see AllReduceSum)."""
+    return AllReduceSum.apply(x) if WORLD > 1 else x
+
+def all_gather(x):
+    """Every rank's rows of x in rank order, (B, ...) -> (WORLD * B, ...), without gradient (the official
+    concat_all_gather); this rank's rows are RANK * B to RANK * B + B - 1."""
+    if WORLD == 1:
+        return x
+    rows = [torch.empty_like(x) for _ in range(WORLD)]
+    dist.all_gather(rows, x.contiguous())
+    return torch.cat(rows)
+
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics are those of all ranks' rows together (the official
+    SyncBatchNorm, written so that it also runs on the CPU); on one process, nn.BatchNorm1d."""
+
+    def forward(self, x):
+        if WORLD == 1 or not self.training:
+            return super().forward(x)
+        n, xf = x.shape[0] * WORLD, x.float()
+        mean = all_reduce_sum(xf.sum(dim=0)) / n
+        var = all_reduce_sum(((xf - mean) ** 2).sum(dim=0)) / n  # biased, as BatchNorm normalises
+        with torch.no_grad():  # the running statistics of one large batch (unbiased variance)
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * n / (n - 1), self.momentum)
+        y = (xf - mean) / torch.sqrt(var + self.eps)
+        return (y * self.weight + self.bias if self.affine else y).to(x.dtype)
+# ==== end SHARED ====
+
+
+# ==== SHARED: machinery, identical in every method file (tests/test_shared_blocks.py); the method ends above ====
+# What no method does differently: flags, data, torchrun, the run around train() (recipe, schedule, resume, run
+# folder, log, checkpoints, signals), the kNN monitor, the entry point; sections "also in evaluate.py" are there too.
+# It expects from the method part: METHOD, Args (with the SHARED fields), RECIPES (with "cpu"), PAPER, check_args(),
+# encoders_to_save(model), a model with .encoder (a vit.ViT), and a train() that calls setup(), Run(), prepare(),
+# run.start(), run.batches() and run.after_step() (mae.py's is the shortest). Its imports are here, not at the top,
+# so that the file opens on the method (Python runs them before any function is called).
 import argparse
 import ast
 import atexit
 import dataclasses
+import datetime
 import inspect
 import itertools
 import json
@@ -932,8 +995,7 @@ def end_workers():
     for worker in multiprocessing.active_children():
         worker.kill()
 
-# ---- many GPUs (torchrun): the set-up, and the helpers a method calls on its split batch ----
-# What each method does with them is in its own code; its docstring's "Many GPUs" list says where.
+# ---- many GPUs (torchrun): the set-up, and what every method calls (a two-view method's helpers: before the machinery) ----
 RANK, WORLD = 0, 1  # this process's rank and the number of processes: (0, 1) without torchrun
 
 def init_distributed(device):
@@ -953,11 +1015,17 @@ def init_distributed(device):
 
 def rank_mean(x):
     """The mean of x over the ranks (for the log: the global batch's loss)."""
-    if WORLD == 1:
-        return x
-    x = x.detach().clone()
-    dist.all_reduce(x)
+    if WORLD > 1:
+        x = x.detach().clone()
+        dist.all_reduce(x)
     return x / WORLD
+
+def rank0(value):
+    """Rank 0's value on every rank: the folder rank 0 made, a choice made from timings (which differ between ranks)."""
+    box = [value]
+    if WORLD > 1:
+        dist.broadcast_object_list(box)
+    return box[0]
 
 def sync_stop(stop, device):
     """A signal that reached any rank stops every rank after the same step."""
@@ -967,62 +1035,15 @@ def sync_stop(stop, device):
         if flag.item() and not stop:
             stop.append("another rank")
 
-class AllReduceSum(torch.autograd.Function):
-    """x summed over all ranks. The backward pass sums the gradient over the ranks as well: every rank's loss
-    depends on the sum, so each rank's own x gets the gradient of all the ranks' losses."""
-
-    @staticmethod
-    def forward(ctx, x):
-        x = x.clone()
-        dist.all_reduce(x)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
-
-def all_reduce_sum(x):
-    """x summed over the ranks: a statistic of the global batch from this rank's part of it (differentiable,
-    see AllReduceSum)."""
-    return AllReduceSum.apply(x) if WORLD > 1 else x
-
-def all_gather(x):
-    """Every rank's rows of x in rank order, (B, ...) -> (WORLD * B, ...), without gradient (the official
-    concat_all_gather); this rank's rows are RANK * B to RANK * B + B - 1."""
-    if WORLD == 1:
-        return x
-    rows = [torch.empty_like(x) for _ in range(WORLD)]
-    dist.all_gather(rows, x.contiguous())
-    return torch.cat(rows)
-
 def global_rand(batch, *shape, device=None):
     """Uniform noise (for masks) for this rank's rows: every rank draws the global batch's noise and keeps
     its own rows, so a sample's mask does not depend on the number of GPUs."""
     return torch.rand(batch * WORLD, *shape, device=device)[RANK * batch:(RANK + 1) * batch]
 
-class GlobalBatchNorm1d(nn.BatchNorm1d):
-    """BatchNorm1d whose training statistics are those of all ranks' rows together (the official
-    SyncBatchNorm, written so that it also runs on the CPU); on one process, nn.BatchNorm1d."""
-
-    def forward(self, x):
-        if WORLD == 1 or not self.training:
-            return super().forward(x)
-        n, xf = x.shape[0] * WORLD, x.float()
-        mean = all_reduce_sum(xf.sum(dim=0)) / n
-        var = all_reduce_sum(((xf - mean) ** 2).sum(dim=0)) / n  # biased, as BatchNorm normalises
-        with torch.no_grad():  # the running statistics of one large batch (unbiased variance)
-            self.num_batches_tracked += 1
-            self.running_mean.lerp_(mean, self.momentum)
-            self.running_var.lerp_(var * n / (n - 1), self.momentum)
-        y = (xf - mean) / torch.sqrt(var + self.eps)
-        return (y * self.weight + self.bias if self.affine else y).to(x.dtype)
-
-# ---- the run around train(): set-up, recipe, schedule, resume, log, checkpoints, signals ----
+# ---- the run around train(): set-up, recipe, schedule, step, resume, log, checkpoints, signals ----
 def setup(args):
-    """Before the model: the device, --resume (the run keeps its own settings), torchrun, the recipe, the seed, bf16
-    and compile (auto: on with CUDA; on the CPU prepare() times them). Returns (args, device, resumed checkpoint or None)."""
+    """Before the model: the device, torchrun, --resume (the run keeps its own settings), the recipe, the seed; bf16 and
+    compile left at auto are on with CUDA (on the CPU prepare() times them). Returns (args, device, resumed or None)."""
     if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
         raise DataError(f"unknown --device {args.device!r}; use 'cuda', 'cuda:N' or 'cpu'")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -1033,11 +1054,10 @@ def setup(args):
         args, resumed = resume_settings(args)
     args.recipe = apply_recipe(args)
     torch.manual_seed(args.seed)  # CPU runs are bit-exact; GPU kernels and torch.compile may differ slightly
-    if device.type == "cuda" and args.amp is None:
-        args.amp = True
-    if device.type == "cuda" and args.compile is None:
-        args.compile = True
-    before = resumed.get("world_size", 1) if resumed else WORLD
+    if device.type == "cuda":
+        args.amp = True if args.amp is None else args.amp
+        args.compile = True if args.compile is None else args.compile
+    before = resumed["world_size"] if resumed else WORLD
     if before != WORLD:  # keep the run's global batch, and so its lr and the order of its samples
         global_batch = args.batch_size * before
         if global_batch % WORLD:
@@ -1050,23 +1070,20 @@ def setup(args):
     return args, device, resumed
 
 def resume_settings(args):
-    """--resume: the run's own settings, except those of this machine and process (device, bf16, compile, workers,
-    --stop-after) and, when given again, --log-every, --save-minutes and --knn-every. Other flags given are named."""
+    """--resume: the run's own settings, but this machine's --device, --amp, --compile, --num-workers, --stop-after, and
+    --log-every, --save-minutes, --knn-every when given again. Other flags given are named and ignored."""
     resumed, path = load_checkpoint(args.resume)
-    saved = resumed["args"]
-    settings = Args(**saved)
-    settings.resume = path
-    ignored = []
+    settings, ignored = Args(**{**resumed["args"], "resume": path}), []
     for f in dataclasses.fields(Args):
-        value = getattr(args, f.name)
-        if f.name in ("device", "compile", "amp", "num_workers", "stop_after"):
-            setattr(settings, f.name, value)
-        elif value == f.default or value == saved.get(f.name) or f.name == "resume":
+        given = getattr(args, f.name)
+        if f.name in ("device", "amp", "compile", "num_workers", "stop_after"):
+            setattr(settings, f.name, given)
+        elif f.name == "resume" or given == f.default or given == resumed["args"].get(f.name):
             continue
         elif f.name in ("log_every", "save_minutes", "knn_every"):
-            setattr(settings, f.name, value)
+            setattr(settings, f.name, given)
         else:
-            ignored.append(f"--{f.name.replace('_', '-')}")
+            ignored.append("--" + f.name.replace("_", "-"))
     if ignored:
         print(f"warning: --resume continues the run with its own settings; ignored: {', '.join(ignored)}")
     if resumed.get("fresh"):  # a folder whose run stopped before its first checkpoint: start it again, there
@@ -1076,22 +1093,20 @@ def resume_settings(args):
     return settings, resumed
 
 def apply_recipe(args):
-    """Fill the fields left at None from the recipe, check the values, say which recipe, return its name. 'auto' looks
-    at the median short side of several images, so that one odd image does not decide."""
-    recipe = args.recipe
+    """Fill the fields left at None from the recipe, check the values, say which recipe, return its name. 'auto' is the
+    CPU recipe without a GPU; on a GPU it looks at the median short side of several images (one odd one does not decide)."""
+    recipe, note = args.recipe, ""
     if args.data not in ("fake", "cifar10"):
         check_folder(args.data)  # a missing folder, or a file: the only line
     if recipe == "auto" and args.device == "cpu":  # a laptop: a small model and schedule, whatever the images' size
-        recipe = "cpu"
-        note = ("recipe auto: no GPU -> cpu (a small ViT at 32 px, sized for about 15 minutes on 2 cores; --recipe cifar10 "
-                "or imagenet for the GPU recipes)")
+        recipe, note = "cpu", ("recipe auto: no GPU -> cpu (a small ViT at 32 px, sized for about 15 minutes on 2 cores; "
+                               "--recipe cifar10 or imagenet for the GPU recipes)")
     elif recipe == "auto":
         sides = sorted(peek_image_sides(args.data))
         recipe = "imagenet" if sides[len(sides) // 2] >= 64 else "cifar10"
-        note = (f"recipe auto: {len(sides)} images looked at, short sides {sides[0]} to {sides[-1]} px, median "
-                f"{sides[len(sides) // 2]} px -> {recipe} (64 px or more: imagenet)" if args.data not in ("fake", "cifar10") else "")
-    else:
-        note = ""
+        if args.data not in ("fake", "cifar10"):
+            note = (f"recipe auto: {len(sides)} images looked at, short sides {sides[0]} to {sides[-1]} px, median "
+                    f"{sides[len(sides) // 2]} px -> {recipe} (64 px or more: imagenet)")
     if recipe not in RECIPES:
         raise DataError(f"unknown --recipe {recipe!r}; choose one of {sorted(RECIPES)} or 'auto'")
     epochs_given, images_given = args.epochs is not None, args.images is not None
@@ -1102,7 +1117,7 @@ def apply_recipe(args):
         args.images = None
     elif images_given and not epochs_given:
         args.epochs = None
-    for name in ("img_size", "patch_size", "batch_size", "epochs", "images", "blr", "log_every", "benchmark_steps"):
+    for name in ("img_size", "patch_size", "batch_size", "epochs", "images", "blr", "log_every"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise DataError(f"--{name.replace('_', '-')} must be more than 0, not {getattr(args, name)}")
     for name in ("steps", "stop_after", "num_workers", "min_lr", "weight_decay", "warmup_epochs", "save_minutes",
@@ -1128,10 +1143,35 @@ def build_encoder(args, **kwargs):
     except ValueError as e:  # vit.py checks the size
         raise DataError(f"--model{'-dims' if args.model_dims else ''} {e}") from None
 
+def decode_side(transform):
+    """How large an image must stay so that each view keeps its resolution: the smallest crop a RandomResizedCrop of
+    transform (or of its .crops) can take, scale[0] of the area at aspect 3:4, must still be as large as its output."""
+    crops = [part for crop in getattr(transform, "crops", [transform])
+             for part in (crop.transforms if isinstance(crop, T.Compose) else [crop])]
+    return max([c.size[0] / math.sqrt(c.scale[0] * min(c.ratio[0], 1 / c.ratio[1]))
+                for c in crops if isinstance(c, T.RandomResizedCrop)], default=0)
+
+def plan(args, num_images, global_batch):
+    """The run's length on num_images: (steps per epoch, steps, warm-up steps, whether the warm-up was cut). A run sized by
+    --images (the CPU recipe) gets its --epochs here, so that it sees as many images on a folder of any size; its warm-up
+    (a tenth) and its kNN monitor (every fifth) follow the run."""
+    steps_per_epoch = num_images // global_batch  # whole batches: the rest of an epoch is left for the next
+    if steps_per_epoch == 0:
+        raise DataError(f"{args.data} has {num_images} images, fewer than one batch of {global_batch}")
+    if args.epochs is None:
+        args.epochs = args.images / (steps_per_epoch * global_batch)
+    if args.warmup_epochs is None:
+        args.warmup_epochs = args.epochs / 10
+    if args.knn_every is None:
+        args.knn_every = args.epochs / 5 if args.images else 1.0
+    total = args.steps or max(1, round(args.epochs * steps_per_epoch))
+    warmup = round(total * args.warmup_epochs / args.epochs)
+    cut = warmup > total // 2  # a warm-up longer than half the run (--epochs 5, 10 of warm-up): cut, so the lr peaks
+    return steps_per_epoch, total, min(warmup, total // 2), cut
+
 def prepare(model, optimizer, args, device, lr, step, total_steps=0):
-    """Choose bf16 and compile where left at auto on the CPU (cpu_step_probe), print the run's first line, and return
-    the model to train: in DDP on many GPUs, compiled with --compile. step(train_model) is one training step on a
-    synthetic batch; total_steps, the run's length, decides whether a probe or a compilation can pay for itself."""
+    """bf16 and compile left at auto on the CPU chosen by timing (cpu_step_probe), the run's first line, and the model to
+    train: in DDP on many GPUs, compiled with --compile. step(train_model) is one training step on a synthetic batch."""
     if args.amp is None or args.compile is None:  # only on the CPU: setup() turns both on with CUDA
         cpu_step_probe(model, optimizer, args, step, total_steps)
     print(f"{METHOD} | recipe {args.recipe} | ViT-{args.model_dims or args.model}/{args.patch_size} at {args.img_size} px "
@@ -1144,20 +1184,16 @@ def prepare(model, optimizer, args, device, lr, step, total_steps=0):
     return torch.compile(model) if args.compile else model
 
 def cpu_step_probe(model, optimizer, args, step, total_steps):
-    """--amp / --compile left at auto on the CPU. bf16 autocast is faster on CPUs that compute bf16 natively and
-    slower on others (and per method), so time the step in fp32 and in bf16, interleaved, and take bf16 only if it is
-    5% faster. torch.compile (inductor) costs about a minute on 2 cores, so it is tried only when the run would take
-    30 minutes or more, and kept only if its steps are faster. A run under 2 minutes is not probed (fp32, eager).
-    The weights, the optimizer and the RNG are put back: the run is the one it would be without the probe. Every
-    rank takes rank 0's choice."""
-    weights = {k: v.clone() for k, v in model.state_dict().items()}
-    optimizer_state = optimizer.state_dict()  # a new optimizer's: no state yet
-    cpu, seconds = torch.device("cpu"), {}
+    """bf16 autocast is faster on CPUs that compute bf16 natively and slower on others (and per method): time the step in
+    fp32 and bf16, interleaved, and take bf16 only if 5% faster. Compiling (inductor) costs about a minute on 2 cores:
+    tried for runs of 30 minutes or more, kept if faster. A run under 2 minutes is not probed (fp32, eager). Weights,
+    optimizer and RNG are put back (the run is the one it would be without the probe); every rank takes rank 0's choice."""
+    weights, optimizer_state = {k: v.clone() for k, v in model.state_dict().items()}, optimizer.state_dict()
+    cpu, seconds, compile_auto = torch.device("cpu"), {}, args.compile is None
     amps = [False, True] if args.amp is None else [args.amp]
-    args.amp, compile_auto, args.compile = amps[0], args.compile is None, bool(args.compile)
+    args.amp, args.compile = amps[0], bool(args.compile)
     with torch.random.fork_rng(devices=[]):
-        first = timed(lambda: step(model), 1, cpu)  # also the warm-up
-        if rank0(total_steps * first >= 120):
+        if rank0(total_steps * timed(lambda: step(model), 1, cpu) >= 120):  # (the first step also warms up)
             for amp in amps * 2:  # interleaved: the machine's speed drifts
                 args.amp = amp
                 seconds[amp] = min(seconds.get(amp, math.inf), timed(lambda: step(model), 1, cpu))
@@ -1168,21 +1204,23 @@ def cpu_step_probe(model, optimizer, args, step, total_steps):
                 seconds["compiled"] = timed(lambda: step(compiled), 2, cpu)
                 args.compile = rank0(seconds["compiled"] < seconds[args.amp])
     model.load_state_dict(weights)
-    optimizer.load_state_dict(optimizer_state)
+    optimizer.load_state_dict(optimizer_state)  # a new optimizer's: no state
     optimizer.zero_grad(set_to_none=True)
+    names = {False: "fp32", True: "bf16", "compiled": "compiled"}
     if seconds:
-        names = {False: "fp32", True: "bf16", "compiled": "compiled"}
-        print(f"cpu step probe: {', '.join(f'{names[k]} {v:.2f} s' for k, v in seconds.items())} per step -> "
+        print("cpu step probe: " + ", ".join(f"{names[k]} {v:.2f} s" for k, v in seconds.items()) + " per step -> "
               f"bf16={args.amp} compile={args.compile}"
-              f"{'' if 'compiled' in seconds or not compile_auto else ' (compile: tried for runs of 30 min or more)'}")
+              + ("" if "compiled" in seconds or not compile_auto else " (compile: tried for runs of 30 min or more)"))
 
-def rank0(value):
-    """Rank 0's value on every rank: a choice made from timings, which differ between ranks, or a folder rank 0 made."""
-    if WORLD > 1:
-        box = [value]
-        dist.broadcast_object_list(box)
-        value = box[0]
-    return value
+def timed(fn, n, device):
+    """Seconds per call of fn() over n calls, the device's queue drained before and after."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    sync()
+    return (time.perf_counter() - t) / n
 
 def autocast(args):
     """bf16 autocast with --amp (bf16 needs no gradient scaler)."""
@@ -1202,32 +1240,6 @@ def to_device(batch, device):
         return [to_device(b, device) for b in batch]
     return batch.to(device, non_blocking=True)
 
-def decode_side(transform):
-    """How large an image must stay so that each view keeps its resolution: the smallest crop a RandomResizedCrop of
-    transform (or of its .crops) can take, scale[0] of the area at aspect 3:4, must still be as large as its output."""
-    crops = [part for crop in getattr(transform, "crops", [transform])
-             for part in (crop.transforms if isinstance(crop, T.Compose) else [crop])]
-    return max([c.size[0] / math.sqrt(c.scale[0] * min(c.ratio[0], 1 / c.ratio[1]))
-                for c in crops if isinstance(c, T.RandomResizedCrop)], default=0)
-
-def plan(args, num_images, global_batch):
-    """The run's length on a data set of num_images: (steps per epoch, steps, warm-up steps, whether the warm-up was
-    cut). A run sized by --images (the CPU recipe) gets its --epochs here, so that it sees the same images on a folder
-    of any size; its warm-up (a tenth) and its kNN monitor (every fifth) follow the run."""
-    steps_per_epoch = num_images // global_batch  # whole batches: the rest of an epoch is left for the next
-    if steps_per_epoch == 0:
-        raise DataError(f"{args.data} has {num_images} images, fewer than one batch of {global_batch}")
-    if args.epochs is None:
-        args.epochs = args.images / (steps_per_epoch * global_batch)
-    if args.warmup_epochs is None:
-        args.warmup_epochs = args.epochs / 10
-    if args.knn_every is None:
-        args.knn_every = args.epochs / 5 if args.images else 1.0
-    total = args.steps or max(1, round(args.epochs * steps_per_epoch))
-    warmup = round(total * args.warmup_epochs / args.epochs)
-    cut = warmup > total // 2  # a warm-up longer than half the run (--epochs 5, 10 of warm-up): cut, so the lr peaks
-    return steps_per_epoch, total, min(warmup, total // 2), cut
-
 class Run:
     """The loop's bookkeeping: data, schedule length, run folder or resumed state, log, checkpoints, signals."""
     def __init__(self, args, model, optimizer, transform, device):
@@ -1245,21 +1257,20 @@ class Run:
             num_workers=args.num_workers, pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0,
             worker_init_fn=worker_ignores_signals,
             generator=torch.Generator().manual_seed(args.seed))  # its own generator: the global RNG (masks) is untouched
-        self.step, self.stop, self.losses = 0, [], []
-        self.seconds_before, self.knn = 0.0, None  # training time of the process(es) before a --resume
+        self.step, self.stop, self.losses, self.seconds_before, self.knn = 0, [], [], 0.0, None
 
     def start(self, resumed=None):
-        """The resumed run's weights, optimizer, RNG and folder, or a new folder; then the signals and the log."""
+        """The resumed run's weights, optimizer, RNG and folder, or a new folder; then the signals, the log, the monitor."""
         args = self.args
         if resumed:
             self.model.load_state_dict(resumed["model"])
             self.optimizer.load_state_dict(resumed["optimizer"])
             torch.set_rng_state(resumed["rng"]["torch"])
-            if self.device.type == "cuda" and resumed["rng"].get("cuda") is not None:
+            if self.device.type == "cuda" and resumed["rng"]["cuda"] is not None:
                 torch.cuda.set_rng_state(resumed["rng"]["cuda"], self.device)
-            self.step, self.seconds_before = resumed["step"], resumed.get("efficiency", {}).get("seconds", 0.0)
+            self.step, self.seconds_before = resumed["step"], resumed["efficiency"]["seconds"]  # the earlier processes'
             print(f"resumed from {args.resume} at step {self.step}")
-            if resumed.get("num_images", len(self.dataset)) != len(self.dataset):
+            if resumed["num_images"] != len(self.dataset):
                 print(f"warning: {args.data} now has {len(self.dataset)} images, the run started with "
                       f"{resumed['num_images']}: from here on the samples are drawn from the changed data set")
         run_dir = None
@@ -1281,8 +1292,7 @@ class Run:
         budget = f" = {args.images:,} images (--images)" if args.images and not args.steps else ""
         print(f"{len(self.dataset)} images | {self.steps_per_epoch} steps/epoch | {self.total_steps} steps{budget} "
               f"({self.total_steps / self.steps_per_epoch:.4g} epochs, warm-up {self.warmup_steps} steps"
-              f"{' = half the run' if self.warmup_cut else ''}) | "
-              f"writing to {self.dir}")
+              f"{' = half the run' if self.warmup_cut else ''}) | writing to {self.dir}")
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, self.request_stop)
         self.end_step = min(self.total_steps, self.step + args.stop_after) if args.stop_after else self.total_steps
@@ -1295,7 +1305,7 @@ class Run:
                 self.monitor()  # the untrained encoder: the baseline every later value is read against
 
     def seconds(self):
-        """Wall-clock seconds of training so far, over every process of the run (--resume adds up)."""
+        """Wall-clock seconds of the run so far, over every process of it (--resume adds up)."""
         return self.seconds_before + time.monotonic() - self.started
 
     def request_stop(self, signum, frame):  # finish the step, save, exit
@@ -1322,11 +1332,11 @@ class Run:
                 yield to_device(batch[0], self.device)  # the views; the labels are not used
                 if self.step == self.end_step or self.stop or self.step % self.steps_per_epoch == 0:
                     break  # the next epoch reshuffles
-        if not os.path.exists(self.ckpt_path):  # stopped before the first step: nothing to save
-            print(f"stopped before the first step; no checkpoint: --resume {self.dir} starts this run afresh")
-        else:
+        if os.path.exists(self.ckpt_path):
             print(f"{'stopped' if self.step < self.total_steps else 'finished'} at step {self.step}/{self.total_steps}; "
                   f"checkpoint: {self.ckpt_path}")
+        else:  # stopped before the first step: nothing to save
+            print(f"stopped before the first step; no checkpoint: --resume {self.dir} starts this run afresh")
 
     def after_step(self, loss, lr, extras):
         """Count the step; log every --log-every steps; save every --save-minutes, at the end and on a signal."""
@@ -1349,54 +1359,55 @@ class Run:
         t = time.perf_counter()
         with torch.random.fork_rng(devices=[]):  # a fresh ViT's init must not move the run's RNG (resume is exact)
             acc = self.knn.accuracy(encoders_to_save(self.model), self.model.encoder)
-        self.logger.log_knn(self.step, self.step // self.steps_per_epoch, acc, time.perf_counter() - t, self.seconds(), self.knn)
-        self.logger.t0 += time.perf_counter() - t  # the kNN and the plot (curves.png)
+        print(f"knn  {self.step:>7d}/{self.total_steps} | epoch {self.step // self.steps_per_epoch:>3d} | kNN top-1 "
+              f"{acc:.2f}% (k=20, {self.knn.sizes[0]} train / {self.knn.sizes[1]} val images) | "
+              f"{time.perf_counter() - t:.1f} s", flush=True)
+        self.logger.write(self.step, self.step // self.steps_per_epoch, self.seconds(), knn=acc,
+                          **{"knn/seconds": time.perf_counter() - t})
+        plot_curves(self.logger.path)
+        self.logger.t0 += time.perf_counter() - t  # the kNN and the plot are not training time
 
     def save(self):  # rank 0 writes; every rank holds the same weights
         if RANK == 0:
             names = {id(p): name for name, p in self.model.named_parameters()}  # what the optimizer's indices are
             save_checkpoint(self.ckpt_path, {
                 "method": METHOD, "args": dataclasses.asdict(self.args), "step": self.step, "num_images": len(self.dataset),
-                "world_size": WORLD,
-                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "world_size": WORLD, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "optimizer_param_names": [[names[id(p)] for p in g["params"]] for g in self.optimizer.param_groups],
                 "rng": {"torch": torch.get_rng_state(),
                         "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},
                 "encoder": self.model.encoder.state_dict(), "encoder_config": self.model.encoder.config,
                 **encoders_to_save(self.model), "efficiency": self.efficiency()})
-            plot_curves(self.logger.path)  # with the checkpoint: a run without a monitor has its curves too
+            plot_curves(self.logger.path)  # with every checkpoint: a run without a monitor has its curves too
         self.last_save = time.monotonic()
 
     def efficiency(self):
         """What the run cost so far: wall-clock, device-hours, steps, images, img/s and peak memory."""
-        seconds = self.seconds()
-        if self.device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(self.device) / 2**30
-        else:  # the process's peak resident memory (Linux reports KiB, macOS bytes)
-            import resource
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**30 if sys.platform == "darwin" else 2**20)
+        seconds, cuda = self.seconds(), self.device.type == "cuda"
+        import resource  # on the CPU the process's peak resident memory (Linux reports KiB, macOS bytes)
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**30 if sys.platform == "darwin" else 2**20)
         return {"seconds": seconds, "device_hours": seconds * WORLD / 3600, "devices": WORLD,
-                "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU",
-                "steps": self.step, "images_seen": self.step * self.global_batch,
-                "img_per_s": self.step * self.global_batch / max(seconds, 1e-9),
-                "peak_memory_gib": peak, "peak_memory_of": "GPU (allocated)" if self.device.type == "cuda" else "process (RSS)"}
+                "device": torch.cuda.get_device_name(self.device) if cuda else "CPU", "steps": self.step,
+                "images_seen": self.step * self.global_batch, "img_per_s": self.step * self.global_batch / max(seconds, 1e-9),
+                "peak_memory_gib": torch.cuda.max_memory_allocated(self.device) / 2**30 if cuda else rss,
+                "peak_memory_of": "GPU (allocated)" if cuda else "process (RSS)"}
 
 def save_checkpoint(path, state):
     """Write, then rename: a kill mid-save, NaN weights or a full disk leave the previous checkpoint in place."""
     if not all(t.isfinite().all() for t in state["model"].values() if t.is_floating_point()):
         raise DataError(f"the weights are NaN or inf at step {state['step']}: training diverged; the last good "
                         f"checkpoint {path} is kept; try a lower --blr or a longer warm-up")
-    tmp = path + ".tmp"
     try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        torch.save(state, path + ".tmp")
+        os.replace(path + ".tmp", path)
     except (OSError, RuntimeError) as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
         reason = os.strerror(e.errno) if isinstance(e, OSError) and e.errno else str(e).splitlines()[0]
         raise DataError(f"cannot write checkpoint {path}: {reason} (disk full?); the previous checkpoint is kept") from None
 
 def load_checkpoint(path):
+    """(checkpoint, its path) of this method; a run folder without a checkpoint gives its settings, marked "fresh"."""
     path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
     settings = os.path.join(os.path.dirname(path), "args.json")
     if not os.path.isfile(path) and os.path.isfile(settings):  # the run was stopped before its first checkpoint
@@ -1408,8 +1419,8 @@ def load_checkpoint(path):
     except Exception as e:
         raise DataError(f"cannot load checkpoint {path}: not a PyTorch checkpoint, or a truncated or damaged "
                         f"one ({type(e).__name__})") from None
-    method = ckpt.get("method") if isinstance(ckpt, dict) else None
-    if method != METHOD:
+    if not isinstance(ckpt, dict) or ckpt.get("method") != METHOD:
+        method = ckpt.get("method") if isinstance(ckpt, dict) else None
         raise DataError(f"{path} is not a {METHOD}.py checkpoint (method: {method!r})")
     return ckpt, path
 
@@ -1432,7 +1443,7 @@ def make_run_dir(args):
             raise DataError(f"cannot create run folder {run_dir}: {os.strerror(e.errno) if e.errno else e}") from None
 
 class Logger:
-    """A fixed-format line every --log-every steps, and the same values as JSON lines in log.jsonl."""
+    """A fixed-format line every --log-every steps, and the same values (and the monitor's) as JSON lines in log.jsonl."""
     def __init__(self, run_dir, total_steps, batch_size, start_step, compiling=False):
         self.path, self.total, self.batch = os.path.join(run_dir, "log.jsonl"), total_steps, batch_size
         self.compiling = compiling  # the first window includes torch.compile's start-up: no ETA from it
@@ -1443,29 +1454,20 @@ class Logger:
 
     def log(self, step, epoch, loss, lr, extras, seconds):
         now = time.perf_counter()
-        ips = (step - self.step0) * self.batch / (now - self.t0)
-        eta = (self.total - step) * self.batch / ips if ips > 0 else float("nan")
-        wait = self.waited / (now - self.t0)  # the share of wall time spent waiting for data
+        ips, wait = (step - self.step0) * self.batch / (now - self.t0), self.waited / (now - self.t0)  # wait: for data
+        eta = str(datetime.timedelta(seconds=round((self.total - step) * self.batch / ips))) if ips > 0 else "--:--"
+        eta, self.compiling = "--:-- (compiling)" if self.compiling else eta, False
         self.t0, self.step0, self.waited = now, step, 0.0
-        eta_text = "--:--" if math.isnan(eta) else f"{int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}"
-        if self.compiling:
-            eta_text, self.compiling = "--:-- (compiling)", False
         print(f"step {step:>7d}/{self.total} | epoch {epoch:>3d} | loss {loss:.4f} | lr {lr:.2e} | {ips:>6.0f} img/s | "
-              f"ETA {eta_text} | data wait {100 * wait:.0f}%{' (data-bound)' if wait > 0.1 else ''}" + "".join(f" | {k} {v:.4g}" for k, v in extras.items()), flush=True)
-        if RANK == 0:
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"step": step, "epoch": epoch, "train/loss": loss, "train/lr": lr, "train/img_per_s": ips,
-                                    "train/data_wait": wait, **{f"train/{k}": v for k, v in extras.items()},
-                                    "minutes": seconds / 60}) + "\n")
+              f"ETA {eta} | data wait {100 * wait:.0f}%{' (data-bound)' if wait > 0.1 else ''}"
+              + "".join(f" | {k} {v:.4g}" for k, v in extras.items()), flush=True)
+        self.write(step, epoch, seconds, **{"train/loss": loss, "train/lr": lr, "train/img_per_s": ips,
+                                            "train/data_wait": wait, **{f"train/{k}": v for k, v in extras.items()}})
 
-    def log_knn(self, step, epoch, acc, seconds, run_seconds, knn):
-        print(f"knn  {step:>7d}/{self.total} | epoch {epoch:>3d} | kNN top-1 {acc:.2f}% ({knn.describe()}) | "
-              f"{seconds:.1f} s", flush=True)
+    def write(self, step, epoch, seconds, **values):
         if RANK == 0:
             with open(self.path, "a") as f:
-                f.write(json.dumps({"step": step, "epoch": epoch, "knn": acc, "knn/seconds": seconds,
-                                    "minutes": run_seconds / 60}) + "\n")
-            plot_curves(self.path)
+                f.write(json.dumps({"step": step, "epoch": epoch, **values, "minutes": seconds / 60}) + "\n")
 
 def check_finite(losses, first_step):
     """The window's mean loss (over all ranks); stops at the first step whose loss is not finite."""
@@ -1476,21 +1478,20 @@ def check_finite(losses, first_step):
                         "try a lower --blr or a longer warm-up")
     return values.mean().item()
 
-# ---- kNN monitor: are the features getting better? (the vote is evaluate.py's knn_predict, word for word) ----
+# ---- kNN monitor: are the features getting better? ----
 class KnnMonitor:
-    """kNN top-1 (k 20, T 0.07) of the encoder evaluate.py uses by default, on fixed random subsets of the train
-    and val splits (seed 0, evaluate.py's --max-train-images / --max-val-images), centre crops decoded once.
-    Each rank embeds every WORLD-th image and the features are gathered: one answer, whatever the GPU count."""
+    """kNN top-1 (k 20, T 0.07) of the encoder evaluate.py uses by default, on fixed random subsets of the train and val
+    splits (seed 0: evaluate.py's --max-train-images / --max-val-images), centre crops decoded once. Each rank embeds a
+    contiguous share of the images and the features are gathered: one answer, whatever the number of GPUs."""
     def __init__(self, args, device, train, val, labels):
-        self.args, self.device, self.sizes = args, device, (len(train), len(val))
-        self.images = {}
+        self.args, self.device, self.sizes, self.labels, self.images = args, device, (len(train), len(val)), labels, {}
         for split, ds in (("train", train), ("val", val)):
-            mine = torch.utils.data.Subset(ds, list(range(RANK, len(ds), WORLD)))
-            workers = min(args.num_workers, 4) if len(mine) > 2000 else 0  # starting workers costs more than a few images
-            loader = torch.utils.data.DataLoader(mine, batch_size=256, num_workers=workers,
-                                                 worker_init_fn=worker_ignores_signals)
-            self.images[split] = torch.cat([x for x, _ in loader]) if len(mine) else None
-        self.labels = labels  # (train labels, val labels) of the whole subsets
+            share = -(-len(ds) // WORLD)  # rows per rank, the last rank's padded
+            mine = torch.utils.data.Subset(ds, range(RANK * share, min(len(ds), RANK * share + share)))
+            loader = torch.utils.data.DataLoader(mine, batch_size=256, worker_init_fn=worker_ignores_signals,
+                                                 num_workers=min(args.num_workers, 4) if len(mine) > 2000 else 0)
+            images = torch.cat([x for x, _ in loader] + [torch.zeros(0, 3, args.img_size, args.img_size, dtype=torch.uint8)])
+            self.images[split] = torch.cat([images, images.new_zeros(share - len(images), *images.shape[1:])])
 
     @classmethod
     def build(cls, args, device):
@@ -1511,24 +1512,17 @@ class KnnMonitor:
             labels.append(torch.tensor(y))
         return cls(args, device, *subsets, labels)
 
-    def describe(self):
-        return f"k=20, {self.sizes[0]} train / {self.sizes[1]} val images"
-
     @torch.no_grad()
     def features(self, encoder, split):
-        """The CLS features of this split's subset, all ranks' rows gathered back into subset order."""
-        n, mine = self.sizes[split == "val"], self.images[split]
+        """The CLS features of this split's subset: every rank's share (padded to the same rows), gathered in rank order."""
+        mine = self.images[split]
         feats = torch.cat([encoder(normalize(mine[i:i + 256].to(self.device).float() / 255)).float()
-                           for i in range(0, len(mine), 256)]) if mine is not None else None
-        if WORLD == 1:
-            return feats.cpu()
-        rows = -(-n // WORLD)  # ranks hold ceil or floor of n / WORLD rows: pad to the larger
-        padded = torch.zeros(rows, encoder.dim, device=self.device)
-        if feats is not None:
-            padded[:len(feats)] = feats
-        parts = [torch.empty_like(padded) for _ in range(WORLD)]
-        dist.all_gather(parts, padded)
-        return torch.stack(parts, dim=1).reshape(rows * WORLD, -1)[:n].cpu()  # row j of rank r is image j*WORLD + r
+                           for i in range(0, len(mine), 256)])
+        if WORLD > 1:
+            parts = [torch.empty_like(feats) for _ in range(WORLD)]
+            dist.all_gather(parts, feats)
+            feats = torch.cat(parts)
+        return feats[:self.sizes[split == "val"]].cpu()
 
     def accuracy(self, saved, online):
         """saved: the method's encoders_to_save(); online: its encoder (for the shape and the online weights)."""
@@ -1541,6 +1535,7 @@ class KnnMonitor:
         preds = knn_predict(train_f, train_y, val_f, 20, 0.07, int(max(train_y.max(), val_y.max())) + 1)
         return 100.0 * (preds == val_y).float().mean().item()
 
+# ---- the kNN vote (also in evaluate.py) ----
 @torch.no_grad()
 def knn_predict(train_f, train_y, test_f, k=20, T=0.07, num_classes=None, chunk=512):
     """Weighted kNN (Wu et al. 2018; DINO eval_knn): among the k training features most cosine-similar
@@ -1557,25 +1552,7 @@ def knn_predict(train_f, train_y, test_f, k=20, T=0.07, num_classes=None, chunk=
         preds.append(votes.argmax(dim=1))
     return torch.cat(preds)
 
-def save_labelled_grid(rows, labels, path, title="", min_side=96):
-    """A PNG of rows of images ((n, 3, H, W) each, in [0, 1]) on rank 0, small images scaled up (nearest, so the
-    pixels stay visible) to at least min_side px, each row's label on its left, the title above. Every rank calls it:
-    the forward that made the rows may have gathered across ranks, so no rank may skip it."""
-    if RANK != 0:
-        return
-    from PIL import Image, ImageDraw  # torchvision depends on Pillow
-    scale = max(1, -(-min_side // rows[0].shape[-2]))
-    grid = torchvision.utils.make_grid(torch.cat(rows).float().clamp(0, 1), nrow=len(rows[0]), padding=1, pad_value=1.0)
-    grid = torch.nn.functional.interpolate(grid[None], scale_factor=scale, mode="nearest")[0]
-    picture = T.functional.to_pil_image(grid.cpu())
-    canvas = Image.new("RGB", (picture.width + 100, picture.height + 24), "white")
-    canvas.paste(picture, (100, 24))
-    draw = ImageDraw.Draw(canvas)
-    draw.text((6, 6), title, fill="black")
-    for i, label in enumerate(labels):
-        draw.text((6, 24 + int((i + 0.5) * picture.height / len(rows)) - 6), label, fill="black")
-    canvas.save(path)
-
+# ---- pictures ----
 def plot_curves(log_path):
     """curves.png next to log.jsonl: the loss and the kNN accuracy against minutes (needs matplotlib, optional).
     Returns what it drew, {"train/loss": [(minutes, loss), ...], "knn": [...]}, or None without matplotlib."""
@@ -1600,110 +1577,30 @@ def plot_curves(log_path):
     plt.close(fig)
     return drawn
 
-# ---- benchmarks ----
-def timed(fn, n, device):
-    """Seconds per call of fn() over n calls, the device's queue drained before and after."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    sync()
-    return (time.perf_counter() - t) / n
-
-def run_benchmark(args, model, device, step):
-    """img/s of step(train_model), one training step on a synthetic batch on the device, after 10 warm-up steps
-    (compilation included), for each choice left at auto of bf16 and compile (with CUDA both are on; on the CPU all
-    four are timed, as the probe of a run chooses among them); FLOPs counted on one step; MFU against the peak."""
-    from torch.utils.flop_counter import FlopCounterMode
-    choices = [(amp, compiled) for amp in ([False, True] if args.amp is None else [args.amp])
-               for compiled in ([False, True] if args.compile is None else [args.compile])]
-    args.amp = choices[0][0]
-    with FlopCounterMode(display=False) as counter:
-        step(model)
-    flops, name = counter.get_total_flops(), torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    first = None
-    for args.amp, args.compile in choices:
-        train_model = torch.nn.parallel.DistributedDataParallel(model) if WORLD > 1 else model
-        train_model = torch.compile(train_model) if args.compile else train_model
-        timed(lambda: step(train_model), 10, device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        seconds = timed(lambda: step(train_model), args.benchmark_steps, device)
-        first = first or seconds
-        peak = args.peak_tflops or measure_peak_tflops(device, torch.bfloat16 if args.amp else torch.float32)
-        mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-        r = {"method": METHOD, "device": name, "torch": torch.__version__, "model": args.model_dims or args.model,
-             "img_size": args.img_size, "patch_size": args.patch_size, "batch_size": args.batch_size, "amp_bf16": args.amp,
-             "compile": args.compile, "img_per_s": args.batch_size / seconds, "ms_per_step": 1000 * seconds,
-             "speedup": first / seconds, "gflop_per_img": flops / args.batch_size / 1e9, "tflops": flops / seconds / 1e12,
-             "peak_tflops": peak, "mfu": flops / seconds / 1e12 / peak, "peak_mem_gib": mem}
-        print(f"benchmark | {name} | torch {torch.__version__} | {r['model']}/{args.patch_size} at {args.img_size} px | "
-              f"batch {args.batch_size} | bf16 {args.amp} | compile {args.compile}\nbenchmark | {r['img_per_s']:,.0f} img/s "
-              f"({r['speedup']:.2f}x the first) | {r['ms_per_step']:.1f} ms/step | {r['gflop_per_img']:.2f} GFLOP/img "
-              f"(fwd+bwd) | {r['tflops']:.3g} TFLOP/s | MFU {100 * r['mfu']:.1f}% of {peak:.3g} TFLOP/s | peak memory "
-              f"{'n/a' if mem is None else f'{mem:.2f} GiB'}")
-        print(json.dumps(r), flush=True)
-    return r
-
-def measure_peak_tflops(device, dtype):
-    """Peak matmul throughput of this device in the training dtype (8192^3 matmuls on CUDA)."""
-    n, reps = (8192, 20) if device.type == "cuda" else (1024, 5)
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    timed(lambda: a @ b, 3, device)  # warm-up
-    return 2 * n**3 / timed(lambda: a @ b, reps, device) / 1e12
-
-def run_data_benchmark(args, loader, device, views_fn):
-    """The input pipeline alone: img/s of the loader (decode, crops, flips, colour parameters) with --num-workers
-    workers, over --benchmark-steps batches after the first; then of the device side (views_fn) on those batches."""
-    def endless():  # as many epochs as it takes: a small folder holds only a few batches
-        for epoch in itertools.count():
-            loader.sampler.set_epoch(epoch)
-            yield from (batch[0] for batch in loader)  # the views; the labels are not used
-    batches, cpu_side = endless(), []
-    next(batches)  # start-up: the workers' first batch
-    loader_s = timed(lambda: cpu_side.append(next(batches)), args.benchmark_steps, torch.device("cpu"))
-    on_device = iter([to_device(b, device) for b in cpu_side])
-    device_s = timed(lambda: views_fn(next(on_device)), args.benchmark_steps, device)
-    r = {"method": METHOD, "data": args.data, "img_size": args.img_size, "batch_size": args.batch_size,
-         "num_workers": args.num_workers, "loader_img_per_s": args.batch_size / loader_s,
-         "loader_img_per_s_per_worker": args.batch_size / loader_s / max(args.num_workers, 1), "device": str(device),
-         "device_views_img_per_s": args.batch_size / device_s, "device_views_ms_per_batch": 1000 * device_s}
-    print(f"benchmark-data | {args.data} at {args.img_size} px | batch {args.batch_size} | {args.num_workers} workers\n"
-          f"benchmark-data | loader (CPU side) {r['loader_img_per_s']:,.0f} img/s = {r['loader_img_per_s_per_worker']:,.0f} "
-          f"per worker | device side ({device}) {r['device_views_img_per_s']:,.0f} img/s, "
-          f"{r['device_views_ms_per_batch']:.1f} ms per batch")
-    print(json.dumps(r))
-    return r
-
-# ---- entry point ----
+# ---- entry point (also in evaluate.py) ----
 class ClosedPipeSafe:
     """stdout / stderr that outlive a closed pipe: when `| tee log` or `| head` ends first (Ctrl-C reaches the whole
     pipeline), writing raises BrokenPipeError; the output then goes to /dev/null and the run still saves its checkpoint."""
     def __init__(self, stream):
         self.stream = stream
 
-    def write(self, text):
-        try:
-            return self.stream.write(text)
-        except OSError:  # BrokenPipeError, or a terminal that went away
-            self.to_devnull()
-            return len(text)
-
-    def flush(self):
-        try:
-            self.stream.flush()
-        except OSError:
-            self.to_devnull()
-
-    def to_devnull(self):
-        try:  # the file descriptor itself, so that Python's own flush at exit finds nothing wrong either
-            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
-        except (OSError, ValueError):
-            self.stream = open(os.devnull, "w")
-
     def __getattr__(self, name):
         return getattr(self.stream, name)
+
+    def write(self, text):
+        return self.guarded(self.stream.write, text) or len(text)
+
+    def flush(self):
+        self.guarded(self.stream.flush)
+
+    def guarded(self, call, *args):
+        try:
+            return call(*args)
+        except OSError:  # BrokenPipeError, or a terminal that went away: the file descriptor itself to /dev/null,
+            try:  # so that Python's own flush at exit finds nothing wrong either
+                os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+            except (OSError, ValueError):
+                self.stream = open(os.devnull, "w")
 
 def main(entry):
     """Run entry(); a DataError or a Ctrl-C ends it with one line (under torchrun: rank 0's, or the rank whose image failed)."""
@@ -1717,6 +1614,7 @@ def main(entry):
         sys.exit("interrupted (Ctrl-C): stopped before a checkpoint of the current step was written; "
                  "the last saved checkpoint, if any, is kept" if first else 130)
 
+# ---- the command line ----
 if __name__ == "__main__":
     main(lambda: train(parse_args()))
 # ==== end SHARED ====

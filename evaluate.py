@@ -623,6 +623,7 @@ def extract_features(encoder, dataset, pool, device, amp, batch_size, num_worker
 
 
 # ---------------------------------------------------------------- frozen-feature protocols
+# ---- the kNN vote (also in evaluate.py) ----
 @torch.no_grad()
 def knn_predict(train_f, train_y, test_f, k=20, T=0.07, num_classes=None, chunk=512):
     """Weighted kNN (Wu et al. 2018; DINO eval_knn): among the k training features most cosine-similar
@@ -639,7 +640,7 @@ def knn_predict(train_f, train_y, test_f, k=20, T=0.07, num_classes=None, chunk=
         preds.append(votes.argmax(dim=1))
     return torch.cat(preds)
 
-
+# ---- the linear probe ----
 def linear_probe(train_f, train_y, test_f, test_y, epochs=100, lr=0.1, batch_size=1024, seed=0, device="cpu"):
     """MAE-style linear probe on frozen features: BatchNorm1d(affine=False, eps=1e-6) then Linear
     (weight ~ trunc_normal(0.01), bias 0), SGD momentum 0.9, no weight decay, cosine lr per step.
@@ -1442,8 +1443,43 @@ def evaluate(args):
     return rows[0] if len(rows) == 1 else rows
 
 
-if __name__ == "__main__":
+# ---- entry point (also in evaluate.py) ----
+class ClosedPipeSafe:
+    """stdout / stderr that outlive a closed pipe: when `| tee log` or `| head` ends first (Ctrl-C reaches the whole
+    pipeline), writing raises BrokenPipeError; the output then goes to /dev/null and the run still saves its checkpoint."""
+    def __init__(self, stream):
+        self.stream = stream
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+    def write(self, text):
+        return self.guarded(self.stream.write, text) or len(text)
+
+    def flush(self):
+        self.guarded(self.stream.flush)
+
+    def guarded(self, call, *args):
+        try:
+            return call(*args)
+        except OSError:  # BrokenPipeError, or a terminal that went away: the file descriptor itself to /dev/null,
+            try:  # so that Python's own flush at exit finds nothing wrong either
+                os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+            except (OSError, ValueError):
+                self.stream = open(os.devnull, "w")
+
+def main(entry):
+    """Run entry(); a DataError or a Ctrl-C ends it with one line (under torchrun: rank 0's, or the rank whose image failed)."""
+    sys.stdout, sys.stderr = ClosedPipeSafe(sys.stdout), ClosedPipeSafe(sys.stderr)
+    first = os.environ.get("RANK", "0") == "0"  # before the process group exists, every rank meets the same error
     try:
-        evaluate(parse_args())
+        entry()
     except DataError as e:
-        sys.exit("error: " + error_line(e))
+        sys.exit("error: " + error_line(e) if first or isinstance(e, BadImage) else 1)
+    except KeyboardInterrupt:  # Ctrl-C during start-up (before the handlers that save), or a second Ctrl-C
+        sys.exit("interrupted (Ctrl-C): stopped before a checkpoint of the current step was written; "
+                 "the last saved checkpoint, if any, is kept" if first else 130)
+
+# ---- the command line ----
+if __name__ == "__main__":
+    main(lambda: evaluate(parse_args()))

@@ -31,8 +31,7 @@ text = read("evaluate.py")
 for name, body in zip(parts[1::2], parts[2::2]):
     if name.endswith("(also in evaluate.py)"):
         start = text.index(f"# ---- {name} ----\n")
-        end = SECTION.search(text, start + 1) or re.search(r"^# -{10,}", text[start + 1:], re.M)
-        end = end.start() if end.re is SECTION else start + 1 + end.start()
+        end = re.compile(r"^# ---- .+ ----\n|^# -{10,}", re.M).search(text, start + 1).start()  # the next marker
         text = text[:start] + f"# ---- {name} ----\n" + body.rstrip() + "\n\n" + text[end:]
 with open(os.path.join(ROOT, "evaluate.py"), "w") as f:
     f.write(text)

@@ -60,7 +60,7 @@ def help_text(module, capsys):
 
 def test_help_teaches(capsys):
     out = help_text(mae, capsys)
-    for text in ("--mask-ratio", "paper: 0.75", "--blr", "batch-size / 256", "--resume", "--benchmark", "--data"):
+    for text in ("--mask-ratio", "paper: 0.75", "--blr", "batch-size / 256", "--resume", "--images", "--data"):
         assert text in out, text
     assert "off on CPU; the first steps are slow while it compiles) (default: auto)" in out  # --compile
     assert "(default: from the recipe)" in out and "(default: 0.75)" in out
@@ -159,8 +159,8 @@ def test_ctrl_c_to_the_whole_process_group_saves_a_checkpoint(tmp_path):
 @pytest.mark.parametrize("method", ["mae", "moco"])
 def test_benchmark_reports_speed_and_mfu(cli, method):
     extra = ["--decoder-dim", "32", "--decoder-depth", "1", "--decoder-heads", "2"] if method == "mae" else ["--mlp-dim", "64"]
-    out = cli(f"{method}.py", "--benchmark", "--device", "cpu", "--model-dims", "32,1,2", "--batch-size", "8",
-              "--benchmark-steps", "2", "--peak-tflops", "1", *extra).stdout
+    out = cli(".ci/benchmark.py", method, "--device", "cpu", "--model-dims", "32,1,2", "--batch-size", "8",
+              "--steps", "2", "--peak-tflops", "1", "--no-compile", *extra).stdout  # fp32 and bf16, eager
     result = json.loads(out.strip().splitlines()[-1])
     assert result["img_per_s"] > 0 and result["gflop_per_img"] > 0 and 0 < result["mfu"] < 1
     assert "img/s" in out and "MFU" in out

@@ -38,16 +38,17 @@ def test_machinery_is_one_block_at_the_end_identical_everywhere(path):
     assert machinery(path) == machinery("mae.py"), f"{path}: the machinery differs from mae.py's"
     before = text[:text.index(MACHINERY_START)]
     # before the machinery, only the method's own shared pieces: the Args fields and the colour block
-    assert set(re.findall(r"# ==== SHARED:? ?([\w ]+?) ?(?:,|====)", before)) <= {"fields", "colour augmentation on the device"}
-    # the general many-GPU helpers live in the machinery; the method only calls them
-    assert {"AllReduceSum", "all_reduce_sum", "all_gather", "global_rand", "GlobalBatchNorm1d"} <= sections_names(path)
-    assert {"argument parsing (also in evaluate.py)", "data (also in evaluate.py)", "benchmarks",
-            "entry point"} <= set(sections(machinery(path)))
+    assert set(re.findall(r"# ==== SHARED:? ?([\w ]+?) ?(?:,|====)", before)) <= {"fields", "colour augmentation on the device",
+                                                                             "many GPUs"}
+    # the general many-GPU helpers: the masks' noise in the machinery, the two-view methods' in their shared block
+    assert "global_rand" in sections_names(path)
+    assert {"argument parsing (also in evaluate.py)", "data (also in evaluate.py)",
+            "kNN monitor: are the features getting better?", "entry point (also in evaluate.py)"} <= set(sections(machinery(path)))
 
 
 def test_evaluate_holds_the_sections_it_shares_word_for_word():
     shared = {n: s for n, s in sections(machinery("mae.py")).items() if n.endswith("(also in evaluate.py)")}
-    assert len(shared) == 2
+    assert len(shared) == 4  # the flags, the data, the kNN vote, the entry point
     for name, body in shared.items():
         assert f"# ---- {name} ----\n{body}\n" in read("evaluate.py"), f"evaluate.py: section {name!r} differs"
 
@@ -99,6 +100,14 @@ def test_shared_args_fields_are_identical(path):
     assert args_fields(path) == args_fields("mae.py")
 
 
+def test_the_many_gpu_block_is_identical_in_the_six_files_that_call_it():
+    blocks = {f: m.group(0) for f in METHOD_FILES for m in [re.search(
+        r"# ==== SHARED: many GPUs.*?# ==== end SHARED ====\n", read(f), re.S)] if m}
+    assert sorted(blocks) == sorted(f for f in METHOD_FILES if f != "mae.py") and len(set(blocks.values())) == 1
+    names = {node.name for node in ast.parse(blocks["msn.py"]).body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    assert names == {"AllReduceSum", "all_reduce_sum", "all_gather", "GlobalBatchNorm1d"}
+
+
 def test_the_colour_block_is_identical_in_every_file_with_colour_views():
     blocks = {f: m.group(0) for f in METHOD_FILES for m in [re.search(
         r"# ==== SHARED: colour augmentation on the device.*?# ==== end SHARED ====\n", read(f), re.S)] if m}
@@ -110,7 +119,7 @@ def test_the_colour_block_is_identical_in_every_file_with_colour_views():
 COPIES = {
     "grafting.py": {"mae": ["random_masking", "MAEDecoder", "mae_loss"],
                     "moco": ["mlp", "momentum_at", "contrastive_loss", "moco_loss"]},
-    "cmae.py": {"mae": ["MAEDecoder", "mae_loss"]},
+    "cmae.py": {"mae": ["MAEDecoder", "mae_loss", "save_labelled_grid"]},
     "conmim.py": {"cmae": ["resample"]},
 }
 

@@ -2,7 +2,7 @@
 parameters; the device side applies colour jitter, grayscale, blur and solarize to the whole batch.
 Checked here: every op equals torchvision's functional op at a fixed parameter, the parameters are
 drawn per sample from torchvision's distributions, probabilities hold within sampling error, all
-probabilities 0 is the identity, and the data-wait share and --benchmark-data work."""
+probabilities 0 is the identity, and the data-wait share and .ci/benchmark.py --data-pipeline work."""
 import json
 import math
 
@@ -157,8 +157,8 @@ def test_logger_share_is_the_waited_fraction_of_the_window(tmp_path, capsys, mon
 
 @pytest.mark.parametrize("workers", ["0", "2"])
 def test_benchmark_data_measures_the_loader_and_the_device_side(cli, tmp_path, workers):
-    out = cli("msn.py", "--benchmark-data", "--data", "fake", "--device", "cpu", "--batch-size", "8", "--focal-views", "2",
-              "--benchmark-steps", "3", "--num-workers", workers, "--out-dir", str(tmp_path)).stdout
+    out = cli(".ci/benchmark.py", "msn", "--data-pipeline", "--data", "fake", "--device", "cpu", "--batch-size", "8",
+              "--focal-views", "2", "--steps", "3", "--num-workers", workers, "--out-dir", str(tmp_path)).stdout
     result = json.loads(out.strip().splitlines()[-1])
     assert result["loader_img_per_s"] > 0 and result["device_views_img_per_s"] > 0
     assert result["loader_img_per_s_per_worker"] == pytest.approx(result["loader_img_per_s"] / max(int(workers), 1))
