@@ -267,7 +267,7 @@ class BadImage(DataError):
     """An image file that cannot be read (a training run saves a checkpoint before it stops)."""
 
 def error_line(e):
-    """The line to print for a DataError; raised in a data worker, its text ends with that line."""
+    """The line to print for a DataError (raised in a data worker, its text ends with that line)."""
     return str(e).strip().splitlines()[-1].removeprefix(f"{type(e).__name__}: ")
 
 def check_folder(root):
@@ -280,9 +280,8 @@ def check_folder(root):
         raise DataError(f"data folder {root!r} does not exist (--data takes 'cifar10', 'fake' or a folder)")
 
 def walk_images(top, seen=None, avoid=()):
-    """(folder, sorted image names) under top, sorted, without hidden files. Through symbolic links a folder is read
-    once (seen: the real paths read so far, shared by the caller), and the folders in avoid (the data root, the other
-    classes) and their parents are not entered, so that a link cannot label another class's images as this one's."""
+    """(folder, sorted image names) under top, without hidden files; through symbolic links a folder is read once (seen),
+    and no folder in avoid (the root, other classes) or above one is entered: a link cannot relabel another class."""
     seen = set() if seen is None else seen
     for folder, dirs, files in os.walk(top, followlinks=True):
         real = os.path.realpath(folder)
@@ -292,6 +291,7 @@ def walk_images(top, seen=None, avoid=()):
             seen.add(real)
             yield folder, sorted(f for f in files if not f.startswith(".") and f.lower().endswith(IMAGE_EXTS))
 
+@functools.lru_cache  # one walk of a folder per process: the recipe's peek, the training set, the kNN monitor
 def find_images(root):
     """(path, label) pairs and class names for a folder of class folders, or a flat folder (label -1)."""
     check_folder(root)
@@ -321,9 +321,8 @@ class ImageFiles(torch.utils.data.Dataset):
         return read_image(self.samples[i][0], self.decode_side), self.samples[i][1]
 
 def read_image(path, decode_side=0):
-    """An image file as an RGB PIL image; 16-bit grayscale is scaled to 8 bits (convert() alone would clip it). With
-    decode_side, a JPEG larger than that is decoded at 1/2, 1/4 or 1/8 of its size in the DCT (PIL's draft mode, several
-    times faster), never below decode_side px for the geometric mean of its sides."""
+    """An RGB PIL image (16-bit grayscale scaled, not clipped); a JPEG over twice decode_side px (the geometric mean of
+    its sides) is decoded at 1/2, 1/4 or 1/8 of its size in the DCT (PIL's draft mode), never below decode_side."""
     from PIL import Image  # torchvision depends on Pillow
     try:
         with open(path, "rb") as f:
@@ -339,8 +338,7 @@ def read_image(path, decode_side=0):
         raise BadImage(f"cannot read image {path}: {e}") from None
 
 class FakeImages(torch.utils.data.Dataset):
-    """Synthetic images for smoke runs and tests: a smooth random colour field plus stripes whose orientation
-    and frequency depend on the class (10 classes)."""
+    """Synthetic images (smoke runs, tests): a smooth random colour field and stripes whose angle and frequency are the class's."""
     def __init__(self, n, size=32):
         self.n, self.size, self.classes = n, size, [f"class{c}" for c in range(10)]
 
@@ -348,10 +346,10 @@ class FakeImages(torch.utils.data.Dataset):
         return self.n
 
     def __getitem__(self, i):
-        label, g, size = i % 10, torch.Generator().manual_seed(i), (self.size, self.size)
-        field = torch.nn.functional.interpolate(torch.rand(1, 3, 4, 4, generator=g), size=size, mode="bilinear")[0]
+        label, angle = i % 10, math.pi * (i % 5) / 5
+        field = torch.rand(1, 3, 4, 4, generator=torch.Generator().manual_seed(i))
+        field = torch.nn.functional.interpolate(field, size=(self.size, self.size), mode="bilinear")[0]
         y, x = torch.meshgrid(torch.arange(self.size), torch.arange(self.size), indexing="ij")
-        angle = math.pi * (label % 5) / 5
         wave = torch.sin((x * math.cos(angle) + y * math.sin(angle)) * (0.3 + 0.3 * (label // 5)))
         return T.functional.to_pil_image((0.6 * field + 0.4 * (wave + 1) / 2).clamp(0, 1)), label
 
@@ -365,7 +363,7 @@ def build_dataset(data, split="train", img_size=32):
         try:
             return torchvision.datasets.CIFAR10(root, train=(split == "train"), download=True)
         except Exception as e:
-            if not existed:  # no empty folder left behind
+            if not existed:  # no empty folder left behind (nor an empty data/ above it)
                 try:
                     os.removedirs(root)
                 except OSError:
@@ -379,33 +377,24 @@ def build_dataset(data, split="train", img_size=32):
         return ImageFiles(data)
     raise DataError(f"{data!r} has no val/ or test/ folder of labelled images to evaluate on")
 
-def peek_image_sides(data, count=16):
-    """The short sides of up to `count` images, at most half from one folder; only their headers are read."""
-    if data in ("fake", "cifar10"):
-        return [32]
-    check_folder(data)
-    from PIL import Image
-    sides, paths = [], (os.path.join(folder, f) for folder, files in walk_images(data) for f in files[:count // 2])
-    for path in itertools.islice(paths, count):  # the walk stops there
-        try:
-            with Image.open(path) as im:
-                sides.append(min(im.size))
-        except Exception as e:
-            raise BadImage(f"cannot read image {path}: {e}") from None
-    if not sides:
-        raise DataError(f"no images ({', '.join(IMAGE_EXTS)}) found in {data!r}")
-    return sides
+def image_side(path):
+    """The short side of an image file, from its header."""
+    from PIL import Image  # torchvision depends on Pillow
+    try:
+        with Image.open(path) as im:
+            return min(im.size)
+    except Exception as e:
+        raise BadImage(f"cannot read image {path}: {e}") from None
 
 def eval_transform(img_size, uint8=False, interpolation=T.InterpolationMode.BICUBIC):
-    """Centre crop: resize to img_size / 0.875, crop (224 -> 256 -> 224); small images are only resized. A normalised
-    float tensor, or with uint8 the crop's bytes (normalize(x.float() / 255) then gives the same floats)."""
+    """Resize to img_size / 0.875 and centre-crop (256 -> 224; small images only resized): normalised floats, or uint8."""
     resize = round(img_size / 0.875) if img_size >= 96 else img_size
     crop = [T.Resize(resize, interpolation=interpolation), T.CenterCrop(img_size)]
     return T.Compose(crop + ([T.PILToTensor()] if uint8 else [T.ToTensor(), T.Normalize(MEAN, STD)]))
 
 class Augmented(torch.utils.data.Dataset):
-    """base[index] through transform under the sample's seed from EpochSampler: every augmentation is a function
-    of (run seed, epoch, position in the epoch), with any number of workers or GPUs, and after --resume."""
+    """base[index] through transform under the sample's seed (EpochSampler): any number of workers or GPUs, or a resume,
+    give the same augmentations."""
     def __init__(self, base, transform):
         self.base, self.transform = base, transform
 
@@ -420,18 +409,14 @@ class Augmented(torch.utils.data.Dataset):
             return self.transform(img), label
 
 class EpochSampler(torch.utils.data.Sampler):
-    """(index, augmentation seed) pairs shuffled by (seed, epoch), in whole global batches of batch_size x world,
-    each rank yielding its part in rank order: a step's global batch is the same on any number of GPUs.
-    set_epoch(epoch, skip) skips the samples done before a resume."""
+    """(index, augmentation seed) pairs shuffled by (seed, epoch) in whole global batches, each rank yielding its part in
+    rank order (a step's global batch is the same on any number of GPUs); set_epoch's skip: the samples done before."""
     def __init__(self, n, seed, batch_size=1, rank=0, world=1):
         self.n, self.seed, self.epoch, self.skip = n, seed, 0, 0
         self.batch, self.rank, self.world = batch_size, rank, world
 
     def set_epoch(self, epoch, skip=0):
         self.epoch, self.skip = epoch, skip
-
-    def __len__(self):
-        return (self.n // (self.batch * self.world) * self.batch * self.world - self.skip) // self.world
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
@@ -1475,10 +1460,14 @@ def main(entry):
     try:
         entry()
     except DataError as e:
-        sys.exit("error: " + error_line(e) if first or isinstance(e, BadImage) else 1)
+        if first or isinstance(e, BadImage):
+            sys.exit("error: " + error_line(e))
+        sys.exit(1)
     except KeyboardInterrupt:  # Ctrl-C during start-up (before the handlers that save), or a second Ctrl-C
-        sys.exit("interrupted (Ctrl-C): stopped before a checkpoint of the current step was written; "
-                 "the last saved checkpoint, if any, is kept" if first else 130)
+        if first:
+            sys.exit("interrupted (Ctrl-C): stopped before a checkpoint of the current step was written; the last "
+                     "saved checkpoint, if any, is kept")
+        sys.exit(130)
 
 # ---- the command line ----
 if __name__ == "__main__":

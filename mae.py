@@ -416,6 +416,7 @@ import ast
 import atexit
 import dataclasses
 import datetime
+import functools
 import inspect
 import itertools
 import json
@@ -431,7 +432,6 @@ import types
 import typing
 
 import torch.distributed as dist
-import torch.nn as nn
 import torchvision
 import torchvision.transforms as T
 
@@ -481,7 +481,7 @@ class BadImage(DataError):
     """An image file that cannot be read (a training run saves a checkpoint before it stops)."""
 
 def error_line(e):
-    """The line to print for a DataError; raised in a data worker, its text ends with that line."""
+    """The line to print for a DataError (raised in a data worker, its text ends with that line)."""
     return str(e).strip().splitlines()[-1].removeprefix(f"{type(e).__name__}: ")
 
 def check_folder(root):
@@ -494,9 +494,8 @@ def check_folder(root):
         raise DataError(f"data folder {root!r} does not exist (--data takes 'cifar10', 'fake' or a folder)")
 
 def walk_images(top, seen=None, avoid=()):
-    """(folder, sorted image names) under top, sorted, without hidden files. Through symbolic links a folder is read
-    once (seen: the real paths read so far, shared by the caller), and the folders in avoid (the data root, the other
-    classes) and their parents are not entered, so that a link cannot label another class's images as this one's."""
+    """(folder, sorted image names) under top, without hidden files; through symbolic links a folder is read once (seen),
+    and no folder in avoid (the root, other classes) or above one is entered: a link cannot relabel another class."""
     seen = set() if seen is None else seen
     for folder, dirs, files in os.walk(top, followlinks=True):
         real = os.path.realpath(folder)
@@ -506,6 +505,7 @@ def walk_images(top, seen=None, avoid=()):
             seen.add(real)
             yield folder, sorted(f for f in files if not f.startswith(".") and f.lower().endswith(IMAGE_EXTS))
 
+@functools.lru_cache  # one walk of a folder per process: the recipe's peek, the training set, the kNN monitor
 def find_images(root):
     """(path, label) pairs and class names for a folder of class folders, or a flat folder (label -1)."""
     check_folder(root)
@@ -535,9 +535,8 @@ class ImageFiles(torch.utils.data.Dataset):
         return read_image(self.samples[i][0], self.decode_side), self.samples[i][1]
 
 def read_image(path, decode_side=0):
-    """An image file as an RGB PIL image; 16-bit grayscale is scaled to 8 bits (convert() alone would clip it). With
-    decode_side, a JPEG larger than that is decoded at 1/2, 1/4 or 1/8 of its size in the DCT (PIL's draft mode, several
-    times faster), never below decode_side px for the geometric mean of its sides."""
+    """An RGB PIL image (16-bit grayscale scaled, not clipped); a JPEG over twice decode_side px (the geometric mean of
+    its sides) is decoded at 1/2, 1/4 or 1/8 of its size in the DCT (PIL's draft mode), never below decode_side."""
     from PIL import Image  # torchvision depends on Pillow
     try:
         with open(path, "rb") as f:
@@ -553,8 +552,7 @@ def read_image(path, decode_side=0):
         raise BadImage(f"cannot read image {path}: {e}") from None
 
 class FakeImages(torch.utils.data.Dataset):
-    """Synthetic images for smoke runs and tests: a smooth random colour field plus stripes whose orientation
-    and frequency depend on the class (10 classes)."""
+    """Synthetic images (smoke runs, tests): a smooth random colour field and stripes whose angle and frequency are the class's."""
     def __init__(self, n, size=32):
         self.n, self.size, self.classes = n, size, [f"class{c}" for c in range(10)]
 
@@ -562,10 +560,10 @@ class FakeImages(torch.utils.data.Dataset):
         return self.n
 
     def __getitem__(self, i):
-        label, g, size = i % 10, torch.Generator().manual_seed(i), (self.size, self.size)
-        field = torch.nn.functional.interpolate(torch.rand(1, 3, 4, 4, generator=g), size=size, mode="bilinear")[0]
+        label, angle = i % 10, math.pi * (i % 5) / 5
+        field = torch.rand(1, 3, 4, 4, generator=torch.Generator().manual_seed(i))
+        field = torch.nn.functional.interpolate(field, size=(self.size, self.size), mode="bilinear")[0]
         y, x = torch.meshgrid(torch.arange(self.size), torch.arange(self.size), indexing="ij")
-        angle = math.pi * (label % 5) / 5
         wave = torch.sin((x * math.cos(angle) + y * math.sin(angle)) * (0.3 + 0.3 * (label // 5)))
         return T.functional.to_pil_image((0.6 * field + 0.4 * (wave + 1) / 2).clamp(0, 1)), label
 
@@ -579,7 +577,7 @@ def build_dataset(data, split="train", img_size=32):
         try:
             return torchvision.datasets.CIFAR10(root, train=(split == "train"), download=True)
         except Exception as e:
-            if not existed:  # no empty folder left behind
+            if not existed:  # no empty folder left behind (nor an empty data/ above it)
                 try:
                     os.removedirs(root)
                 except OSError:
@@ -593,33 +591,24 @@ def build_dataset(data, split="train", img_size=32):
         return ImageFiles(data)
     raise DataError(f"{data!r} has no val/ or test/ folder of labelled images to evaluate on")
 
-def peek_image_sides(data, count=16):
-    """The short sides of up to `count` images, at most half from one folder; only their headers are read."""
-    if data in ("fake", "cifar10"):
-        return [32]
-    check_folder(data)
-    from PIL import Image
-    sides, paths = [], (os.path.join(folder, f) for folder, files in walk_images(data) for f in files[:count // 2])
-    for path in itertools.islice(paths, count):  # the walk stops there
-        try:
-            with Image.open(path) as im:
-                sides.append(min(im.size))
-        except Exception as e:
-            raise BadImage(f"cannot read image {path}: {e}") from None
-    if not sides:
-        raise DataError(f"no images ({', '.join(IMAGE_EXTS)}) found in {data!r}")
-    return sides
+def image_side(path):
+    """The short side of an image file, from its header."""
+    from PIL import Image  # torchvision depends on Pillow
+    try:
+        with Image.open(path) as im:
+            return min(im.size)
+    except Exception as e:
+        raise BadImage(f"cannot read image {path}: {e}") from None
 
 def eval_transform(img_size, uint8=False, interpolation=T.InterpolationMode.BICUBIC):
-    """Centre crop: resize to img_size / 0.875, crop (224 -> 256 -> 224); small images are only resized. A normalised
-    float tensor, or with uint8 the crop's bytes (normalize(x.float() / 255) then gives the same floats)."""
+    """Resize to img_size / 0.875 and centre-crop (256 -> 224; small images only resized): normalised floats, or uint8."""
     resize = round(img_size / 0.875) if img_size >= 96 else img_size
     crop = [T.Resize(resize, interpolation=interpolation), T.CenterCrop(img_size)]
     return T.Compose(crop + ([T.PILToTensor()] if uint8 else [T.ToTensor(), T.Normalize(MEAN, STD)]))
 
 class Augmented(torch.utils.data.Dataset):
-    """base[index] through transform under the sample's seed from EpochSampler: every augmentation is a function
-    of (run seed, epoch, position in the epoch), with any number of workers or GPUs, and after --resume."""
+    """base[index] through transform under the sample's seed (EpochSampler): any number of workers or GPUs, or a resume,
+    give the same augmentations."""
     def __init__(self, base, transform):
         self.base, self.transform = base, transform
 
@@ -634,18 +623,14 @@ class Augmented(torch.utils.data.Dataset):
             return self.transform(img), label
 
 class EpochSampler(torch.utils.data.Sampler):
-    """(index, augmentation seed) pairs shuffled by (seed, epoch), in whole global batches of batch_size x world,
-    each rank yielding its part in rank order: a step's global batch is the same on any number of GPUs.
-    set_epoch(epoch, skip) skips the samples done before a resume."""
+    """(index, augmentation seed) pairs shuffled by (seed, epoch) in whole global batches, each rank yielding its part in
+    rank order (a step's global batch is the same on any number of GPUs); set_epoch's skip: the samples done before."""
     def __init__(self, n, seed, batch_size=1, rank=0, world=1):
         self.n, self.seed, self.epoch, self.skip = n, seed, 0, 0
         self.batch, self.rank, self.world = batch_size, rank, world
 
     def set_epoch(self, epoch, skip=0):
         self.epoch, self.skip = epoch, skip
-
-    def __len__(self):
-        return (self.n // (self.batch * self.world) * self.batch * self.world - self.skip) // self.world
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
@@ -709,8 +694,7 @@ def sync_stop(stop, device):
             stop.append("another rank")
 
 def global_rand(batch, *shape, device=None):
-    """Uniform noise (for masks) for this rank's rows: every rank draws the global batch's noise and keeps
-    its own rows, so a sample's mask does not depend on the number of GPUs."""
+    """Uniform noise (masks) for this rank's rows of the global batch's: a mask does not depend on the number of GPUs."""
     return torch.rand(batch * WORLD, *shape, device=device)[RANK * batch:(RANK + 1) * batch]
 
 # ---- the run around train(): set-up, recipe, schedule, step, resume, log, checkpoints, signals ----
@@ -767,19 +751,21 @@ def resume_settings(args):
 
 def apply_recipe(args):
     """Fill the fields left at None from the recipe, check the values, say which recipe, return its name. 'auto' is the
-    CPU recipe without a GPU; on a GPU it looks at the median short side of several images (one odd one does not decide)."""
+    CPU recipe without a GPU; on a GPU it looks at the median short side of 16 images (one odd image does not decide)."""
     recipe, note = args.recipe, ""
     if args.data not in ("fake", "cifar10"):
         check_folder(args.data)  # a missing folder, or a file: the only line
     if recipe == "auto" and args.device == "cpu":  # a laptop: a small model and schedule, whatever the images' size
         recipe, note = "cpu", ("recipe auto: no GPU -> cpu (a small ViT at 32 px, sized for about 15 minutes on 2 cores; "
                                "--recipe cifar10 or imagenet for the GPU recipes)")
-    elif recipe == "auto":
-        sides = sorted(peek_image_sides(args.data))
+    elif recipe == "auto" and args.data in ("fake", "cifar10"):
+        recipe = "cifar10"
+    elif recipe == "auto":  # 16 images spread over the training set (their headers; the walk is the training set's)
+        samples = build_dataset(args.data).samples
+        sides = sorted(image_side(path) for path, _ in samples[::max(1, len(samples) // 16)][:16])
         recipe = "imagenet" if sides[len(sides) // 2] >= 64 else "cifar10"
-        if args.data not in ("fake", "cifar10"):
-            note = (f"recipe auto: {len(sides)} images looked at, short sides {sides[0]} to {sides[-1]} px, median "
-                    f"{sides[len(sides) // 2]} px -> {recipe} (64 px or more: imagenet)")
+        note = (f"recipe auto: {len(sides)} images looked at, short sides {sides[0]} to {sides[-1]} px, median "
+                f"{sides[len(sides) // 2]} px -> {recipe} (64 px or more: imagenet)")
     if recipe not in RECIPES:
         raise DataError(f"unknown --recipe {recipe!r}; choose one of {sorted(RECIPES)} or 'auto'")
     epochs_given, images_given = args.epochs is not None, args.images is not None
@@ -790,13 +776,12 @@ def apply_recipe(args):
         args.images = None
     elif images_given and not epochs_given:
         args.epochs = None
-    for name in ("img_size", "patch_size", "batch_size", "epochs", "images", "blr", "log_every"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            raise DataError(f"--{name.replace('_', '-')} must be more than 0, not {getattr(args, name)}")
-    for name in ("steps", "stop_after", "num_workers", "min_lr", "weight_decay", "warmup_epochs", "save_minutes",
-                 "knn_every", "knn_train", "knn_val"):
-        if getattr(args, name) is not None and getattr(args, name) < 0:
-            raise DataError(f"--{name.replace('_', '-')} must be 0 or more, not {getattr(args, name)}")
+    for name in ("img_size", "patch_size", "batch_size", "epochs", "images", "blr", "log_every", "steps", "stop_after",
+                 "num_workers", "min_lr", "weight_decay", "warmup_epochs", "save_minutes", "knn_every", "knn_train", "knn_val"):
+        value, positive = getattr(args, name), name in ("img_size", "patch_size", "batch_size", "epochs", "images", "blr",
+                                                        "log_every")
+        if value is not None and (value <= 0 if positive else value < 0):
+            raise DataError(f"--{name.replace('_', '-')} must be {'more than 0' if positive else '0 or more'}, not {value}")
     check_args(args)  # the method's own flags
     if note:  # after the checks, so that an error is the only line
         print(note)
@@ -817,7 +802,7 @@ def build_encoder(args, **kwargs):
         raise DataError(f"--model{'-dims' if args.model_dims else ''} {e}") from None
 
 def decode_side(transform):
-    """How large an image must stay so that each view keeps its resolution: the smallest crop a RandomResizedCrop of
+    """How large an image must stay for each view to keep its resolution: the smallest crop a RandomResizedCrop of the
     transform (or of its .crops) can take, scale[0] of the area at aspect 3:4, must still be as large as its output."""
     crops = [part for crop in getattr(transform, "crops", [transform])
              for part in (crop.transforms if isinstance(crop, T.Compose) else [crop])]
@@ -879,10 +864,9 @@ def cpu_step_probe(model, optimizer, args, step, total_steps):
     model.load_state_dict(weights)
     optimizer.load_state_dict(optimizer_state)  # a new optimizer's: no state
     optimizer.zero_grad(set_to_none=True)
-    names = {False: "fp32", True: "bf16", "compiled": "compiled"}
     if seconds:
-        print("cpu step probe: " + ", ".join(f"{names[k]} {v:.2f} s" for k, v in seconds.items()) + " per step -> "
-              f"bf16={args.amp} compile={args.compile}"
+        times = ", ".join(f"{ {False: 'fp32', True: 'bf16'}.get(k, k)} {v:.2f} s" for k, v in seconds.items())
+        print(f"cpu step probe: {times} per step -> bf16={args.amp} compile={args.compile}"
               + ("" if "compiled" in seconds or not compile_auto else " (compile: tried for runs of 30 min or more)"))
 
 def timed(fn, n, device):
@@ -969,8 +953,7 @@ class Run:
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, self.request_stop)
         self.end_step = min(self.total_steps, self.step + args.stop_after) if args.stop_after else self.total_steps
-        self.logger = Logger(self.dir, self.total_steps, self.global_batch, self.step, compiling=args.compile)
-        self.last_save = time.monotonic()
+        self.logger, self.last_save = Logger(self.dir, self.total_steps, self.global_batch, self.step, args.compile), time.monotonic()
         if args.knn_every:
             with torch.random.fork_rng(devices=[]):  # its loader draws a seed: not from the run's RNG
                 self.knn = KnnMonitor.build(args, self.device)
@@ -1021,8 +1004,8 @@ class Run:
             self.logger.log(self.step, (self.step - 1) // self.steps_per_epoch, mean_loss, lr,
                             {k: rank_mean(v).item() for k, v in extras.items()}, self.seconds())
             self.losses = []
-        every = max(1, round(self.args.knn_every * self.steps_per_epoch))
-        if self.knn and (self.step % every == 0 or self.step == self.total_steps):
+        if self.knn and (self.step % max(1, round(self.args.knn_every * self.steps_per_epoch)) == 0
+                         or self.step == self.total_steps):
             self.monitor()
         if time.monotonic() - self.last_save > 60 * self.args.save_minutes or self.step == self.end_step or self.stop:
             self.save()
@@ -1032,11 +1015,10 @@ class Run:
         t = time.perf_counter()
         with torch.random.fork_rng(devices=[]):  # a fresh ViT's init must not move the run's RNG (resume is exact)
             acc = self.knn.accuracy(encoders_to_save(self.model), self.model.encoder)
-        print(f"knn  {self.step:>7d}/{self.total_steps} | epoch {self.step // self.steps_per_epoch:>3d} | kNN top-1 "
-              f"{acc:.2f}% (k=20, {self.knn.sizes[0]} train / {self.knn.sizes[1]} val images) | "
-              f"{time.perf_counter() - t:.1f} s", flush=True)
-        self.logger.write(self.step, self.step // self.steps_per_epoch, self.seconds(), knn=acc,
-                          **{"knn/seconds": time.perf_counter() - t})
+        print(f"knn  {self.step:>7d}/{self.total_steps} | epoch {self.step // self.steps_per_epoch:>3d} | kNN top-1 {acc:.2f}% "
+              f"(k=20, {self.knn.sizes[0]} train / {self.knn.sizes[1]} val images) | {time.perf_counter() - t:.1f} s", flush=True)
+        self.logger.write(self.step, self.step // self.steps_per_epoch, self.seconds(),
+                          **{"knn": acc, "knn/seconds": time.perf_counter() - t})
         plot_curves(self.logger.path)
         self.logger.t0 += time.perf_counter() - t  # the kNN and the plot are not training time
 
@@ -1080,7 +1062,7 @@ def save_checkpoint(path, state):
         raise DataError(f"cannot write checkpoint {path}: {reason} (disk full?); the previous checkpoint is kept") from None
 
 def load_checkpoint(path):
-    """(checkpoint, its path) of this method; a run folder without a checkpoint gives its settings, marked "fresh"."""
+    """(this method's checkpoint, its path); a run folder without one gives its settings, marked "fresh"."""
     path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
     settings = os.path.join(os.path.dirname(path), "args.json")
     if not os.path.isfile(path) and os.path.isfile(settings):  # the run was stopped before its first checkpoint
@@ -1092,8 +1074,8 @@ def load_checkpoint(path):
     except Exception as e:
         raise DataError(f"cannot load checkpoint {path}: not a PyTorch checkpoint, or a truncated or damaged "
                         f"one ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("method") != METHOD:
-        method = ckpt.get("method") if isinstance(ckpt, dict) else None
+    method = ckpt.get("method") if isinstance(ckpt, dict) else None
+    if method != METHOD:
         raise DataError(f"{path} is not a {METHOD}.py checkpoint (method: {method!r})")
     return ckpt, path
 
@@ -1282,10 +1264,14 @@ def main(entry):
     try:
         entry()
     except DataError as e:
-        sys.exit("error: " + error_line(e) if first or isinstance(e, BadImage) else 1)
+        if first or isinstance(e, BadImage):
+            sys.exit("error: " + error_line(e))
+        sys.exit(1)
     except KeyboardInterrupt:  # Ctrl-C during start-up (before the handlers that save), or a second Ctrl-C
-        sys.exit("interrupted (Ctrl-C): stopped before a checkpoint of the current step was written; "
-                 "the last saved checkpoint, if any, is kept" if first else 130)
+        if first:
+            sys.exit("interrupted (Ctrl-C): stopped before a checkpoint of the current step was written; the last "
+                     "saved checkpoint, if any, is kept")
+        sys.exit(130)
 
 # ---- the command line ----
 if __name__ == "__main__":
