@@ -62,6 +62,14 @@ augmentation, for the train split and the val (or test) split of --data, and sha
              Not the published ImageNet-C / CIFAR-10-C files: the same kinds of damage, made here.
   --transfer-data PATH  generalisation: kNN and linear probe of the same frozen encoder on another
              labelled data set.
+  attention  what the encoder looks at: for 8 val images of 8 classes, the last block's attention from
+             the CLS token to every patch, per head and averaged over the heads, over each image (the
+             patch grid upsampled by nearest neighbour), and each head's entropy relative to uniform.
+  retrieval  for the same 8 images, the --retrieval-k nearest training images under the kNN protocol's
+             features and cosine metric, labelled with their classes (another class framed in red), and
+             the share of them with the query's class.
+  curves     the kNN monitor of every run given in one figure, from each run's log.jsonl, against
+             minutes and against images seen (drawn whenever several checkpoints are given).
 
 Every checkpoint a method file wrote records what its training cost (wall-clock, device-hours,
 steps, images, img/s, peak memory); it is printed before the accuracies and shown in the table.
@@ -79,6 +87,7 @@ import argparse
 import ast
 import atexit
 import dataclasses
+import functools
 import inspect
 import itertools
 import json
@@ -101,7 +110,8 @@ import torchvision.transforms as T
 
 from vit import SIZES, ViT
 
-PROTOCOLS = ("knn", "linear", "fewshot", "kmeans", "tsne", "finetune", "pretext", "robustness")
+PROTOCOLS = ("knn", "linear", "fewshot", "kmeans", "tsne", "finetune", "pretext", "robustness", "attention", "retrieval",
+             "curves")
 METHOD_FILES = ("mae", "msn", "cmae", "conmim", "simsiam", "moco", "grafting")
 
 
@@ -132,6 +142,8 @@ class Args:
     """neighbours that vote in the kNN classifier (also reported: 10 and 200)"""
     knn_t: float = 0.07
     """temperature T of the kNN vote weight exp(s / T)"""
+    retrieval_k: int = 5
+    """nearest training images per query in the retrieval protocol's picture (the kNN protocol's features and metric)"""
     linear_recipe: str = "fast"
     """'fast': the probe on cached centre-crop features, SGD (seconds); 'official': MAE's main_linprobe.py on the images, RandomResizedCrop + flip every epoch, LARS, 10 warm-up epochs (minutes to hours: every epoch runs the encoder)"""
     linear_epochs: int | None = None
@@ -610,20 +622,21 @@ def extract_features(encoder, dataset, pool, device, amp, batch_size, num_worker
 # ---------------------------------------------------------------- frozen-feature protocols
 # ---- the kNN vote (also in evaluate.py) ----
 @torch.no_grad()
-def knn_predict(train_f, train_y, test_f, k=20, T=0.07, num_classes=None, chunk=512):
+def nearest(train_f, test_f, k, chunk=512):
+    """The k training features most cosine-similar to each test feature: (similarities, indices), (N_test, k) each."""
+    train_f, test_f = torch.nn.functional.normalize(train_f, dim=1), torch.nn.functional.normalize(test_f, dim=1)
+    parts = [(test_f[start:start + chunk] @ train_f.T).topk(min(k, len(train_f)), dim=1)  # (n, N_train) -> (n, k)
+             for start in range(0, len(test_f), chunk)]
+    return torch.cat([s for s, _ in parts]), torch.cat([i for _, i in parts])
+
+def knn_predict(train_f, train_y, test_f, k=20, T=0.07, num_classes=None):
     """Weighted kNN (Wu et al. 2018; DINO eval_knn): among the k training features most cosine-similar
     to a test feature, class c scores sum_{i in top-k, y_i = c} exp(s_i / T); predict the argmax.
     Returns (N_test,) predicted labels."""
-    num_classes = num_classes or int(train_y.max()) + 1
-    train_f, test_f = torch.nn.functional.normalize(train_f, dim=1), torch.nn.functional.normalize(test_f, dim=1)
-    preds = []
-    for start in range(0, len(test_f), chunk):
-        sims = test_f[start:start + chunk] @ train_f.T                      # (n, N_train) cosine similarities
-        top_s, top_i = sims.topk(min(k, len(train_f)), dim=1)               # (n, k)
-        votes = torch.zeros(len(sims), num_classes)
-        votes.scatter_add_(1, train_y[top_i], (top_s / T).exp())            # class score = sum of exp(s/T)
-        preds.append(votes.argmax(dim=1))
-    return torch.cat(preds)
+    top_s, top_i = nearest(train_f, test_f, k)
+    votes = torch.zeros(len(test_f), num_classes or int(train_y.max()) + 1)
+    votes.scatter_add_(1, train_y[top_i], (top_s / T).exp())  # class score = sum of exp(s/T)
+    return votes.argmax(dim=1)
 
 # ---- the linear probe ----
 def linear_probe(train_f, train_y, test_f, test_y, epochs=100, lr=0.1, batch_size=1024, seed=0, device="cpu"):
@@ -700,17 +713,30 @@ class LARS(torch.optim.Optimizer):
                 p.add_(mu, alpha=-group["lr"])
 
 
+class OneDrawResizedCrop(T.RandomResizedCrop):
+    """MAE's util/crop.py (the TF / BYOL sampler): one draw of the area fraction (uniform in scale) and of the log aspect
+    ratio, the crop's width and height then clamped to the image. torchvision's RandomResizedCrop redraws up to 10 times
+    until the crop fits, which favours small crops on non-square photographs (mean area 0.43 against 0.52 on 500 x 375)."""
+    @staticmethod
+    def get_params(img, scale, ratio):
+        width, height = T.functional.get_image_size(img)
+        area = width * height * torch.empty(1).uniform_(scale[0], scale[1]).item()
+        aspect = math.exp(torch.empty(1).uniform_(math.log(ratio[0]), math.log(ratio[1])).item())
+        w, h = min(width, round(math.sqrt(area * aspect))), min(height, round(math.sqrt(area / aspect)))
+        return torch.randint(0, height - h + 1, (1,)).item(), torch.randint(0, width - w + 1, (1,)).item(), h, w
+
+
 def official_linear_probe(args, encoder, img_size, device):
     """MAE's main_linprobe.py on the images: the frozen encoder's read-out (--pool) through probe_head(), trained
-    with RandomResizedCrop (bicubic) + flip every epoch, LARS at lr = blr x batch / 256 (blr --linear-lr, 0.1),
-    wd 0, a linear warm-up of 10 epochs (at most half the run) then a half-cosine per step, cross-entropy; the
-    batch (16384) is reached by accumulating gradients over chunks of --batch-size images (each chunk's BatchNorm
+    with MAE's one-draw RandomResizedCrop (bicubic) + flip every epoch, LARS at lr = blr x batch / 256 (blr
+    --linear-lr, 0.1), wd 0, a linear warm-up of 10 epochs (at most half the run) then a half-cosine per step,
+    cross-entropy; the batch (16384) is reached by accumulating gradients over chunks of --batch-size images (each chunk's BatchNorm
     statistics are its own, as with MAE's accum_iter). Evaluated on centre crops after every epoch.
     Returns (last epoch's top-1, best epoch's top-1), both in %."""
     torch.manual_seed(args.seed)
     train, val = labelled_splits(args.data, img_size)
     num_classes = len(train.classes)
-    crop = T.RandomResizedCrop(img_size, interpolation=T.InterpolationMode.BICUBIC)
+    crop = OneDrawResizedCrop(img_size, interpolation=T.InterpolationMode.BICUBIC)
     train = Augmented(train_subset(train, args), T.Compose([crop, T.RandomHorizontalFlip(), T.ToTensor(),
                                                               T.Normalize(MEAN, STD)]))
     val = Augmented(train_subset(val, args, args.max_val_images), eval_transform(img_size))
@@ -954,6 +980,152 @@ def tsne_plot(feats, labels, path, title, points=2000, seed=0, class_names=None)
     fig.savefig(path, dpi=150, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+# ---- pictures: what an encoder learned (issue #30); they need matplotlib, the numbers print without it
+def pyplot():
+    """matplotlib's pyplot (drawing to files), or None with a one-line note: pictures are optional."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        print("note: no pictures without matplotlib (pip install matplotlib); the numbers are printed")
+        return None
+
+
+def spread_queries(labels, n=8):
+    """Positions of n images of n different classes spread over the label space (the first image of each class)."""
+    classes = sorted(set(labels.tolist()))
+    picked = dict.fromkeys(classes[round(i * (len(classes) - 1) / max(1, n - 1))] for i in range(min(n, len(classes))))
+    return [int((labels == c).nonzero()[0]) for c in picked]
+
+
+def labels_of(dataset):
+    """The labels of a data set (or a subset of one) through Augmented, without reading an image."""
+    indices = dataset.indices if isinstance(dataset, torch.utils.data.Subset) else range(len(dataset))
+    base = (dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset).base
+    if isinstance(base, ImageFiles):
+        return torch.tensor([base.samples[i][1] for i in indices])
+    return torch.tensor([base.targets[i] if hasattr(base, "targets") else base[i][1] for i in indices])
+
+
+def shown(image):
+    """A uint8 (3, H, W) tensor as an (H, W, 3) array for imshow."""
+    return image.permute(1, 2, 0).numpy()
+
+
+def attention_maps(encoder, images, names, path, title, device):
+    """The last block's attention from the CLS token to every patch, per head and averaged over the heads, drawn over
+    each image (one row per image, the image on the left), the patch grid upsampled by nearest neighbour to the image's
+    pixels. images: uint8 (Q, 3, H, W); names: their classes. Returns the maps' numbers and the picture's path."""
+    x = normalize(images.float().to(device) / 255)
+    weights = encoder.attention(x)[:, :, 0, 1:].float().cpu()  # (Q, heads, N): CLS -> patches
+    maps = weights.reshape(*weights.shape[:2], *encoder.grid)
+    maps = torch.cat([maps.mean(dim=1, keepdim=True), maps], dim=1)  # column 0: the mean over heads
+    up = F.interpolate(maps, size=images.shape[-2:], mode="nearest")  # (Q, 1 + heads, H, W)
+    n = weights.shape[-1]
+    entropy = -(weights * weights.clamp_min(1e-12).log()).sum(-1) / math.log(n)  # 1 = uniform over the patches
+    print(f"attention: CLS -> {n} patches, last block, {weights.shape[1]} heads; entropy relative to uniform, per head "
+          f"(mean over {len(images)} images): " + ", ".join(f"{e:.2f}" for e in entropy.mean(0).tolist()))
+    result = {"entropy_per_head": entropy.mean(0).tolist(), "upsampling": "nearest"}
+    plt = pyplot()
+    if plt is None:
+        return result
+    rows, cols = len(images), up.shape[1] + 1
+    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.3 * rows + 0.5), squeeze=False)
+    for r in range(rows):
+        axes[r, 0].imshow(shown(images[r]))
+        axes[r, 0].set_ylabel(names[r], fontsize=7)
+        for c in range(1, cols):
+            axes[r, c].imshow(shown(images[r]))
+            axes[r, c].imshow(up[r, c - 1].numpy(), cmap="inferno", alpha=0.6)
+        for c in range(cols):
+            axes[r, c].set_xticks([])
+            axes[r, c].set_yticks([])
+    for c, name in enumerate(["image", "mean of heads"] + [f"head {h + 1}" for h in range(cols - 2)]):
+        axes[0, c].set_title(name, fontsize=8)
+    fig.suptitle(title + "\nattention of the CLS token to each patch, last block (nearest upsampling)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"attention: {path}")
+    return {**result, "picture": path}
+
+
+def retrieval_picture(queries, query_y, neighbours, neighbour_y, class_names, path, title):
+    """Each query (uint8 (3, H, W)) and its nearest training images in a row, labelled with their classes; a neighbour
+    of another class than its query's is framed in red."""
+    plt = pyplot()
+    if plt is None:
+        return None
+    rows, cols = len(queries), 1 + neighbours.shape[1]
+    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.4 * rows + 0.5), squeeze=False)
+    name = (lambda y: class_names[y]) if class_names else str
+    for r in range(rows):
+        for c in range(cols):
+            ax, y = axes[r, c], query_y[r] if c == 0 else neighbour_y[r, c - 1]
+            ax.imshow(shown(queries[r] if c == 0 else neighbours[r, c - 1]))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            differs = c > 0 and y != query_y[r]
+            ax.set_title(("query: " if c == 0 else f"{c}: ") + name(int(y)), fontsize=7, color="red" if differs else "black")
+            for side in ax.spines.values():
+                side.set(edgecolor="red" if differs else "black", linewidth=2.5 if differs else 0.5)
+    fig.suptitle(title + "\nnearest training images (cosine, the kNN protocol's features); red: another class", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"retrieval: {path}")
+    return path
+
+
+def curves_figure(sources, path):
+    """The kNN monitor of several runs in one figure, from each run's log.jsonl: top-1 against minutes and against
+    images seen, one labelled line per run (a resumed run is one line: its log continues). Writes the PNG and the
+    numbers it drew (a JSON next to it); returns them, with the runs that logged no monitor."""
+    drawn, without = {}, []
+    for source in sources:
+        path_ckpt = os.path.join(source, "checkpoint.pt") if os.path.isdir(source) else source
+        log = os.path.join(os.path.dirname(path_ckpt), "log.jsonl")
+        ckpt = torch.load(path_ckpt, map_location="cpu", weights_only=True) if os.path.isfile(path_ckpt) else {}
+        cost = ckpt.get("efficiency") or {}
+        batch = cost["images_seen"] / max(1, cost["steps"]) if cost.get("steps") else None
+        rows = [json.loads(line) for line in open(log)] if os.path.isfile(log) else []
+        points = [(r["minutes"], r["step"] * batch if batch else None, r["knn"]) for r in rows if "knn" in r]
+        label = f"{ckpt.get('method', '?')}: {os.path.basename(os.path.dirname(os.path.abspath(path_ckpt)))}"
+        if points:
+            drawn[label] = points
+        else:
+            without.append(label)
+    if without:
+        print(f"curves: no kNN monitor in the log of {', '.join(without)}")
+    for label, points in drawn.items():
+        print(f"curves: {label}: kNN {points[0][2]:.2f} -> {points[-1][2]:.2f} in {points[-1][0]:.1f} min")
+    result = {"runs": drawn, "without_monitor": without}
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(os.path.splitext(path)[0] + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    plt = pyplot()
+    if plt is None or not drawn:
+        return result
+    fig, (by_time, by_images) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for label, points in drawn.items():
+        minutes, images, knn = zip(*points)
+        by_time.plot(minutes, knn, marker="o", markersize=3, label=label)
+        if None not in images:
+            by_images.plot([i / 1000 for i in images], knn, marker="o", markersize=3, label=label)
+    by_time.set(xlabel="minutes of training", ylabel="kNN top-1 (%)", title="the kNN monitor against time")
+    by_images.set(xlabel="images seen (thousands)", ylabel="kNN top-1 (%)", title="against images seen")
+    for ax in (by_time, by_images):
+        ax.grid(alpha=0.3)
+    by_images.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"curves: {path}")
+    return {**result, "picture": path}
 
 
 def train_subset(dataset, args, n=None):
@@ -1262,7 +1434,7 @@ def evaluate_one(args, source, kind, protocols, random_init, device):
                   f"dim {cache[key][0].shape[1]}, pool {pool}, {time.perf_counter() - t0:.0f} s")
         return cache[key]
 
-    if set(protocols) & {"knn", "linear", "kmeans", "tsne", "robustness"}:
+    if set(protocols) & {"knn", "linear", "kmeans", "tsne", "robustness", "retrieval"}:
         (train_f, train_y), (test_f, test_y) = features("train"), features("val")
         results.update(n_train=len(train_f), n_val=len(test_f))
         num_classes = int(max(train_y.max(), test_y.max())) + 1
@@ -1305,6 +1477,28 @@ def evaluate_one(args, source, kind, protocols, random_init, device):
         results["tsne"] = tsne_plot(test_f, test_y, stem + "-tsne.png", title, args.tsne_points, args.seed,
                                     getattr(splits[1], "classes", None))
         print(f"t-SNE: {results['tsne']}")
+    title = f"{info['method']}{' (random init)' if random_init else ''}, {info['encoder']} weights, step {info['step']}: " \
+            f"{info['checkpoint']}"
+    if {"attention", "retrieval"} & set(protocols):  # 8 val images of 8 classes, as in the val features' order
+        val = train_subset(Augmented(splits[1], eval_transform(img_size, uint8=True)), args, args.max_val_images)
+        val_y = labels_of(val)
+        queries = spread_queries(val_y)
+        query_images = torch.stack([val[i][0] for i in queries])
+        classes = getattr(splits[1], "classes", None)
+        query_names = [classes[int(val_y[i])] if classes else str(int(val_y[i])) for i in queries]
+    if "attention" in protocols:
+        results["attention"] = attention_maps(encoder, query_images, query_names, stem + "-attention.png", title, device)
+    if "retrieval" in protocols:
+        sims, neighbours = nearest(train_f, test_f[queries], args.retrieval_k)  # the kNN protocol's metric
+        same = 100.0 * (train_y[neighbours] == test_y[queries, None]).float().mean().item()
+        print(f"retrieval: {same:.1f}% of the {args.retrieval_k} nearest training images have the query's class "
+              f"({len(queries)} queries of {len(queries)} classes)")
+        shown_train = train_subset(Augmented(splits[0], eval_transform(img_size, uint8=True)), args)
+        picture = retrieval_picture(query_images, test_y[queries], torch.stack(
+            [torch.stack([shown_train[i][0] for i in row]) for row in neighbours.tolist()]), train_y[neighbours],
+            getattr(splits[0], "classes", None), stem + "-retrieval.png", title)
+        results["retrieval"] = {"k": args.retrieval_k, "queries": queries, "neighbours": neighbours.tolist(),
+                                "similarities": sims.tolist(), "same_class_pct": same, "picture": picture}
     if "robustness" in protocols:
         results["robustness"] = robustness(args, train_f, train_y, test_f, test_y, num_classes, features, img_size, device)
     for data in args.transfer_data:  # generalisation: the same frozen protocols on another labelled data set
@@ -1408,6 +1602,13 @@ def evaluate(args):
         raise DataError(f"unknown protocol(s) {sorted(unknown)}; choose from {', '.join(PROTOCOLS)} or all")
     if args.pool not in ("cls", "mean", "cls-prenorm"):
         raise DataError(f"--pool must be 'cls', 'mean' or 'cls-prenorm', not {args.pool!r}")
+    stamp = time.strftime('%Y%m%d-%H%M%S')
+    if "curves" in protocols or len(args.ckpt) > 1:  # the kNN monitors of the runs in one figure, before the compute
+        curves = curves_figure(args.ckpt, os.path.splitext(args.out)[0] + "-curves.png" if args.out else
+                               os.path.join("runs", f"compare-{stamp}-curves.png"))
+        if protocols == ["curves"]:
+            return curves
+    protocols = [p for p in protocols if p != "curves"]
     sources = [(c, "ckpt", args.random_init) for c in args.ckpt] + [(w, "weights", args.random_init) for w in args.weights]
     if args.with_random_init:
         sources.append((*sources[0][:2], True))
@@ -1416,7 +1617,7 @@ def evaluate(args):
     print("\n" + table)
     if len(rows) > 1 or len(protocols) > 2:  # a comparison: one JSON and one Markdown file for all rows
         out = args.out or (rows[0]["json"] if len(rows) == 1 else
-                           os.path.join("runs", f"compare-{time.strftime('%Y%m%d-%H%M%S')}.json"))
+                           os.path.join("runs", f"compare-{stamp}.json"))
         os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
         with open(out, "w") as f:
             json.dump(rows if len(rows) > 1 else rows[0], f, indent=1)

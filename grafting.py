@@ -1708,20 +1708,21 @@ class KnnMonitor:
 
 # ---- the kNN vote (also in evaluate.py) ----
 @torch.no_grad()
-def knn_predict(train_f, train_y, test_f, k=20, T=0.07, num_classes=None, chunk=512):
+def nearest(train_f, test_f, k, chunk=512):
+    """The k training features most cosine-similar to each test feature: (similarities, indices), (N_test, k) each."""
+    train_f, test_f = torch.nn.functional.normalize(train_f, dim=1), torch.nn.functional.normalize(test_f, dim=1)
+    parts = [(test_f[start:start + chunk] @ train_f.T).topk(min(k, len(train_f)), dim=1)  # (n, N_train) -> (n, k)
+             for start in range(0, len(test_f), chunk)]
+    return torch.cat([s for s, _ in parts]), torch.cat([i for _, i in parts])
+
+def knn_predict(train_f, train_y, test_f, k=20, T=0.07, num_classes=None):
     """Weighted kNN (Wu et al. 2018; DINO eval_knn): among the k training features most cosine-similar
     to a test feature, class c scores sum_{i in top-k, y_i = c} exp(s_i / T); predict the argmax.
     Returns (N_test,) predicted labels."""
-    num_classes = num_classes or int(train_y.max()) + 1
-    train_f, test_f = torch.nn.functional.normalize(train_f, dim=1), torch.nn.functional.normalize(test_f, dim=1)
-    preds = []
-    for start in range(0, len(test_f), chunk):
-        sims = test_f[start:start + chunk] @ train_f.T                      # (n, N_train) cosine similarities
-        top_s, top_i = sims.topk(min(k, len(train_f)), dim=1)               # (n, k)
-        votes = torch.zeros(len(sims), num_classes)
-        votes.scatter_add_(1, train_y[top_i], (top_s / T).exp())            # class score = sum of exp(s/T)
-        preds.append(votes.argmax(dim=1))
-    return torch.cat(preds)
+    top_s, top_i = nearest(train_f, test_f, k)
+    votes = torch.zeros(len(test_f), num_classes or int(train_y.max()) + 1)
+    votes.scatter_add_(1, train_y[top_i], (top_s / T).exp())  # class score = sum of exp(s/T)
+    return votes.argmax(dim=1)
 
 # ---- pictures ----
 def plot_curves(log_path):

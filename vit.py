@@ -18,6 +18,7 @@ The interface the method files use (and nothing else):
     vit.forward_tokens(x)       prepend CLS, run the blocks and the final norm on any subset of
                                 patch tokens (the visible ones, for MAE): (B, n, D) -> (B, 1+n, D)
     vit(imgs, pool=...)         features: "cls" (B, D), "mean" of patch tokens (B, D), "all" (B, 1+N, D)
+    vit.attention(imgs)         the last block's attention weights (B, heads, 1+N, 1+N), for pictures
     vit.interpolate_pos_embed(h, w)   the (1, 1+h*w, D) position table resized to another grid
 
 Attention runs through F.scaled_dot_product_attention, so the GPU uses flash attention.
@@ -70,6 +71,12 @@ class Attention(nn.Module):
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
         x = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d)) v, flash on GPU
         return self.proj(rearrange(x, "b h n d -> b n (h d)"))
+
+    def weights(self, x):
+        """The attention weights forward() applies to x, softmax(q k^T / sqrt(d)): (B, heads, n, n), each row summing
+        to 1 (for pictures; forward itself keeps the fused kernel, which never forms them)."""
+        q, k, _ = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        return (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(dim=-1)
 
 
 class Mlp(nn.Module):
@@ -210,6 +217,18 @@ class ViT(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.norm(x) if norm else x
+
+    @torch.no_grad()
+    def attention(self, imgs, block=-1):
+        """A block's attention weights (the last by default) on full images, (B, heads, 1 + N, 1 + N); row 0 is the CLS
+        token's. The images go through forward() as in training; the block's input is kept to recompute them."""
+        attn, inputs = self.blocks[block].attn, []
+        hook = attn.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+        try:
+            self(imgs)
+        finally:
+            hook.remove()
+        return attn.weights(inputs[0])
 
     def forward(self, imgs, pool="cls", norm=True):
         """Features of full images: pool "cls" -> (B, D), "mean" of patch tokens -> (B, D),

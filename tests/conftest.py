@@ -25,3 +25,7 @@ def cosine(a, b):
 @pytest.fixture
 def cli():
     return run_cli
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a learning check that trains for a while; -m 'not slow' skips it")

@@ -159,6 +159,7 @@ def test_frozen_parts_stay_fixed_and_lower_blocks_learn_slowly(mae_run, tmp_path
     assert all(torch.equal(ckpt["model"][k], v) for k, v in decoder.items())  # kept, not trained
 
 
+@pytest.mark.slow
 def test_cli_chain_mae_grafting_evaluate_and_gradient_analysis(mae_run, tmp_path, cli, capsys):
     out = cli("grafting.py", "--data", "fake", "--device", "cpu", "--steps", "6", "--batch-size", "16",
               "--mlp-dim", "64", "--mae-ckpt", mae_run, "--num-workers", "0", "--out-dir", str(tmp_path),
@@ -225,6 +226,7 @@ def test_bad_mae_checkpoints_give_one_line_errors(tmp_path, cli, mae_run):
     assert not [p for p in tmp_path.iterdir() if p.is_dir()]  # refused before any run folder
 
 
+@pytest.mark.slow
 def test_docstring_smoke_chain_runs_as_written(tmp_path, cli):
     """The two smoke commands of the header docstring (mae.py, then grafting.py on its checkpoint),
     run as printed from an empty folder."""

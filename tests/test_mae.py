@@ -128,6 +128,7 @@ def test_checkpoint_contents(tmp_path):
     assert {"model", "optimizer", "rng", "encoder"} <= set(ckpt)
 
 
+@pytest.mark.slow
 def test_reconstruction_loss_falls_on_structured_data(tmp_path):
     """A few hundred steps on the synthetic structured images: the masked-patch loss falls clearly."""
     path = mae.train(tiny_args(tmp_path, "learn", steps=300, blr=4e-3, warmup_epochs=1, epochs=20, log_every=20,

@@ -114,3 +114,28 @@ def test_drop_path_only_in_training():
     x = torch.randn(4, 3, 32, 32)
     vit.eval()
     assert torch.equal(vit(x), vit(x))
+
+
+def test_the_attention_weights_read_out_give_the_blocks_output():
+    """vit.attention() reads the weights the fused kernel applies (issue #30): each row sums to 1, and the weights
+    times the values, through the output projection, are the attention branch of the last block; added to the
+    block's input and followed by its MLP branch they give the block's output."""
+    from einops import rearrange
+    torch.manual_seed(0)
+    vit = tiny().eval()
+    imgs = torch.randn(3, 3, 32, 32)
+    weights = vit.attention(imgs)
+    assert weights.shape == (3, 4, 1 + 64, 1 + 64) and torch.allclose(weights.sum(-1), torch.ones(3, 4, 65))
+    inputs, outputs = [], []  # the last block's input and output, from hooks on the block itself
+    hooks = [vit.blocks[-1].register_forward_pre_hook(lambda module, args: inputs.append(args[0])),
+             vit.blocks[-1].register_forward_hook(lambda module, args, out: outputs.append(out))]
+    with torch.no_grad():
+        vit(imgs)
+    for hook in hooks:
+        hook.remove()
+    block, x = vit.blocks[-1], inputs[0]
+    v = rearrange(block.attn.qkv(block.norm1(x)), "b n (three h d) -> three b h n d", three=3, h=4)[2]
+    branch = block.attn.proj(rearrange(weights @ v, "b h n d -> b n (h d)"))
+    assert torch.allclose(branch, block.attn(block.norm1(x)), atol=1e-5)
+    y = x + branch
+    assert torch.allclose(y + block.mlp(block.norm2(y)), outputs[0], atol=1e-5)
