@@ -1520,8 +1520,8 @@ class Run:
             self.logger.log(self.step, (self.step - 1) // self.steps_per_epoch, mean_loss, lr,
                             {k: rank_mean(v).item() for k, v in extras.items()}, self.seconds())
             self.losses = []
-        if self.knn and (self.step % max(1, round(self.args.knn_every * self.steps_per_epoch)) == 0
-                         or self.step == self.total_steps):
+        every = max(1, round(self.args.knn_every * self.steps_per_epoch))  # (none just before the one at the end)
+        if self.knn and (self.step == self.total_steps or self.step % every == 0 and self.total_steps - self.step > every / 2):
             self.monitor()
         if time.monotonic() - self.last_save > 60 * self.args.save_minutes or self.step == self.end_step or self.stop:
             self.save()

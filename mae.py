@@ -192,8 +192,9 @@ def mae_loss(pred, target, mask, norm_pix_loss=True):
 @torch.no_grad()
 def save_reconstructions(model, images, path, title="", seed=0):
     """A PNG grid: originals / masked inputs / reconstructions (visible patches pasted back, as in
-    the paper's Fig. 2), under a title (the run or checkpoint, its step). With norm-pix targets each predicted patch is un-normalised with the true
-    patch's mean and std, so the picture shows structure, not the patch colour that was predicted."""
+    the paper's Fig. 2), under a title (the run or checkpoint, its step). With norm-pix targets each
+    predicted patch is un-normalised with the true patch's mean and std, so the picture shows
+    structure, not the patch colour that was predicted."""
     model.eval()
     enc = model.encoder
     noise = torch.rand(images.shape[0], enc.num_patches, generator=torch.Generator().manual_seed(seed)).to(images.device)
@@ -1004,8 +1005,8 @@ class Run:
             self.logger.log(self.step, (self.step - 1) // self.steps_per_epoch, mean_loss, lr,
                             {k: rank_mean(v).item() for k, v in extras.items()}, self.seconds())
             self.losses = []
-        if self.knn and (self.step % max(1, round(self.args.knn_every * self.steps_per_epoch)) == 0
-                         or self.step == self.total_steps):
+        every = max(1, round(self.args.knn_every * self.steps_per_epoch))  # (none just before the one at the end)
+        if self.knn and (self.step == self.total_steps or self.step % every == 0 and self.total_steps - self.step > every / 2):
             self.monitor()
         if time.monotonic() - self.last_save > 60 * self.args.save_minutes or self.step == self.end_step or self.stop:
             self.save()

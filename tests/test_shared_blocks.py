@@ -151,3 +151,10 @@ def test_grafting_uses_moco_v3_views():
     assert grafting.MOCO_COLOURS == moco.MOCO_COLOURS
     args = grafting.Args(img_size=32, mode="graft", crop_min_scale=0.08)
     assert [str(c) for c in grafting.train_transform(args).crops] == [str(c) for c in moco.train_transform(args).crops]
+
+
+def test_the_machinery_does_not_grow():
+    """Issue #28 cut the machinery from 916 lines to 874 while #29-#31 added to it (the CPU budget and probe, the
+    draft decode, the fixes at a stop); its target of 760 is not reached (README, "How the files are written"). This
+    keeps it from growing back."""
+    assert machinery("mae.py").count("\n") <= 880
