@@ -87,7 +87,6 @@ import argparse
 import ast
 import atexit
 import dataclasses
-import functools
 import inspect
 import itertools
 import json
@@ -303,9 +302,9 @@ def walk_images(top, seen=None, avoid=()):
             seen.add(real)
             yield folder, sorted(f for f in files if not f.startswith(".") and f.lower().endswith(IMAGE_EXTS))
 
-@functools.lru_cache  # one walk of a folder per process: the recipe's peek, the training set, the kNN monitor
 def find_images(root):
-    """(path, label) pairs and class names for a folder of class folders, or a flat folder (label -1)."""
+    """(path, label) pairs and class names for a folder of class folders, or a flat folder (label -1); walked at each
+    call, so that a run resumed in the same process sees the folder as it is now."""
     check_folder(root)
     classes = sorted(d for d in os.listdir(root) if not d.startswith(".") and os.path.isdir(os.path.join(root, d)))
     tops = [os.path.realpath(p) for p in [root] + [os.path.join(root, name) for name in classes]]
@@ -429,6 +428,9 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def set_epoch(self, epoch, skip=0):
         self.epoch, self.skip = epoch, skip
+
+    def __len__(self):  # this rank's samples left in the epoch
+        return (self.n // (self.batch * self.world) * self.batch * self.world - self.skip) // self.world
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)

@@ -631,7 +631,6 @@ import ast
 import atexit
 import dataclasses
 import datetime
-import functools
 import inspect
 import itertools
 import json
@@ -720,9 +719,9 @@ def walk_images(top, seen=None, avoid=()):
             seen.add(real)
             yield folder, sorted(f for f in files if not f.startswith(".") and f.lower().endswith(IMAGE_EXTS))
 
-@functools.lru_cache  # one walk of a folder per process: the recipe's peek, the training set, the kNN monitor
 def find_images(root):
-    """(path, label) pairs and class names for a folder of class folders, or a flat folder (label -1)."""
+    """(path, label) pairs and class names for a folder of class folders, or a flat folder (label -1); walked at each
+    call, so that a run resumed in the same process sees the folder as it is now."""
     check_folder(root)
     classes = sorted(d for d in os.listdir(root) if not d.startswith(".") and os.path.isdir(os.path.join(root, d)))
     tops = [os.path.realpath(p) for p in [root] + [os.path.join(root, name) for name in classes]]
@@ -846,6 +845,9 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def set_epoch(self, epoch, skip=0):
         self.epoch, self.skip = epoch, skip
+
+    def __len__(self):  # this rank's samples left in the epoch
+        return (self.n // (self.batch * self.world) * self.batch * self.world - self.skip) // self.world
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
@@ -975,7 +977,7 @@ def apply_recipe(args):
                                "--recipe cifar10 or imagenet for the GPU recipes)")
     elif recipe == "auto" and args.data in ("fake", "cifar10"):
         recipe = "cifar10"
-    elif recipe == "auto":  # 16 images spread over the training set (their headers; the walk is the training set's)
+    elif recipe == "auto":  # 16 images spread over the training set (their headers only)
         samples = build_dataset(args.data).samples
         sides = sorted(image_side(path) for path, _ in samples[::max(1, len(samples) // 16)][:16])
         recipe = "imagenet" if sides[len(sides) // 2] >= 64 else "cifar10"

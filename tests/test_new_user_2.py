@@ -152,3 +152,19 @@ def test_the_pretext_protocol_reads_at_most_max_val_images(tmp_path, capsys):
                                              max_val_images=20))
     assert result["pretext"]["images"] == 20
     assert f"reconstructions: {result['pretext']['picture']}" in capsys.readouterr().out
+
+
+def test_evaluate_ends_as_the_method_files_do():
+    """evaluate.py shares the method files' entry point (issue #28): one line for a bad flag, nothing before it, and
+    a Ctrl-C or an error inside ends with one line, not a traceback."""
+    proc = cli("evaluate.py", "--ckpt", "x", "--protocol", "knn")
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.strip() == "error: unrecognized arguments: --protocol knn (--help lists them)"
+    assert evaluate.main is not mae.main and evaluate.ClosedPipeSafe.__doc__ == mae.ClosedPipeSafe.__doc__
+
+    def interrupted():
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit, match="interrupted \\(Ctrl-C\\)"):
+        evaluate.main(interrupted)
+    import sys
+    sys.stdout, sys.stderr = sys.stdout.stream, sys.stderr.stream  # main() wrapped them (ClosedPipeSafe)
