@@ -1096,7 +1096,8 @@ def curves_figure(sources, path):
         batch = cost["images_seen"] / max(1, cost["steps"]) if cost.get("steps") else None
         rows = [json.loads(line) for line in open(log)] if os.path.isfile(log) else []
         points = [(r["minutes"], r["step"] * batch if batch else None, r["knn"]) for r in rows if "knn" in r]
-        label = f"{ckpt.get('method', '?')}: {os.path.basename(os.path.dirname(os.path.abspath(path_ckpt)))}"
+        method, folder = ckpt.get("method", "?"), os.path.basename(os.path.dirname(os.path.abspath(path_ckpt)))
+        label = method if folder == method else f"{method}: {folder}"  # the run folder's name, after the method's
         if points:
             drawn[label] = points
         else:
@@ -1541,12 +1542,17 @@ def merged_with_earlier(path, results):
             earlier = json.load(f)
     except (OSError, ValueError):
         return results
-    same = ("checkpoint", "step", "encoder", "random_init", "pool", "data")
-    if isinstance(earlier, dict) and all(earlier.get(k) == results.get(k) for k in same):
+    if not isinstance(earlier, dict) or not isinstance(earlier.get("checkpoint"), str):
+        return results
+    same = ("step", "encoder", "random_init", "pool", "data")  # and the same file, however its path was written
+    if (os.path.realpath(earlier["checkpoint"]) == os.path.realpath(results["checkpoint"])
+            and all(earlier.get(k) == results.get(k) for k in same)):
         kept = sorted(set(earlier) - set(results))
         if kept:
             print(f"kept from the earlier evaluation in {path}: {', '.join(kept)}")
         return {**earlier, **results}
+    print(f"note: {path} held an evaluation of other weights ({earlier['checkpoint']}, step {earlier.get('step')}); "
+          f"replaced")
     return results
 
 

@@ -61,8 +61,8 @@ def fake_clock(module, args, monkeypatch, seconds):
 
 
 def tiny(module, tmp_path, name, **flags):
-    base = dict(data="fake", device="cpu", model_dims="32,2,2", batch_size=8, steps=3, num_workers=0, log_every=1,
-                knn_every=0, out_dir=str(tmp_path), run_name=name)
+    base = dict(data="fake", device="cpu", model_dims="32,2,2", patch_size=4, batch_size=8, steps=3, num_workers=0,
+                log_every=1, knn_every=0, out_dir=str(tmp_path), run_name=name)  # patch 4 for all (MoCo v3's recipe: 8)
     small = dict(mae=dict(decoder_dim=16, decoder_depth=1, decoder_heads=2, vis_every=0),
                  cmae=dict(decoder_dim=16, decoder_depth=1, decoder_heads=2, vis_every=0, proj_hidden=32, proj_dim=16),
                  msn=dict(hidden_dim=32, proj_dim=16, num_prototypes=16, focal_views=1),

@@ -113,6 +113,26 @@ def test_two_evaluations_on_different_data_keep_both_results(tmp_path, capsys):
     assert json.loads(open(subset["json"]).read())["n_train"] == 100
 
 
+
+def test_a_second_protocol_keeps_the_first_when_the_checkpoint_is_named_another_way(tmp_path, monkeypatch, capsys):
+    """The same checkpoint as runs/x (relative, through a link) and as an absolute path is one set of results: the kNN
+    of the first evaluation stays beside the linear probe of the second (it was replaced, found measuring the README)."""
+    ckpt = mae.train(mae.Args(data="fake", out_dir=str(tmp_path / "real"), run_name="e", steps=2, **TINY))
+    os.symlink(tmp_path / "real", tmp_path / "runs")
+    monkeypatch.chdir(tmp_path)
+    common = dict(data="fake", device="cpu", num_workers=0, max_train_images=100, max_val_images=50)
+    knn = evaluate.evaluate(evaluate.Args(ckpt=(ckpt,), protocols="knn", **common))
+    linear = evaluate.evaluate(evaluate.Args(ckpt=("runs/e",), protocols="linear", linear_epochs=2, **common))
+    saved = json.loads(open(linear["json"]).read())
+    assert linear["json"].endswith("eval-online-cls-fake-100x50.json") and os.path.samefile(knn["json"], linear["json"])
+    assert saved["knn_top1"] == knn["knn_top1"] and saved["linear_top1"] == linear["linear_top1"]
+    assert "kept from the earlier evaluation" in capsys.readouterr().out
+    other = mae.train(mae.Args(data="fake", out_dir=str(tmp_path), run_name="other", steps=2, **TINY))
+    (tmp_path / "other" / "eval-online-cls-fake-100x50.json").write_text(open(linear["json"]).read())
+    again = evaluate.evaluate(evaluate.Args(ckpt=(other,), protocols="knn", **common))
+    assert "linear_top1" not in json.loads(open(again["json"]).read())  # other weights' results are not mixed in
+    assert "held an evaluation of other weights" in capsys.readouterr().out
+
 def cli(*argv):
     return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
