@@ -97,7 +97,6 @@ import random
 import signal
 import sys
 import time
-import types
 import typing
 from dataclasses import dataclass
 
@@ -107,7 +106,7 @@ import torch.nn.functional as F
 import torchvision
 import torchvision.transforms as T
 
-from vit import SIZES, ViT
+from vit import SIZES, ViT, knn_predict, nearest
 
 PROTOCOLS = ("knn", "linear", "fewshot", "kmeans", "tsne", "finetune", "pretext", "robustness", "attention", "retrieval",
              "curves")
@@ -248,8 +247,8 @@ def parse_args(argv=None):
     parser.error = one_line_error
     for f in dataclasses.fields(Args):
         kind = f.type
-        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # "int | None" -> int
-            kind = next(t for t in typing.get_args(kind) if t is not type(None))
+        if type(None) in typing.get_args(kind):  # "int | None" -> int
+            kind = typing.get_args(kind)[0]
         default = f.default if f.default is not None else "auto" if kind is bool else "from the recipe"
         paper = f" (paper: {PAPER[f.name]})" if f.name in PAPER else ""  # the method's published value
         text = helps.get(f.name, "") + paper + ("" if "(default:" in helps.get(f.name, "") else f" (default: {default})")
@@ -387,15 +386,6 @@ def build_dataset(data, split="train", img_size=32):
     if split == "train":  # the folder itself is the training set
         return ImageFiles(data)
     raise DataError(f"{data!r} has no val/ or test/ folder of labelled images to evaluate on")
-
-def image_side(path):
-    """The short side of an image file, from its header."""
-    from PIL import Image  # torchvision depends on Pillow
-    try:
-        with Image.open(path) as im:
-            return min(im.size)
-    except Exception as e:
-        raise BadImage(f"cannot read image {path}: {e}") from None
 
 def eval_transform(img_size, uint8=False, interpolation=T.InterpolationMode.BICUBIC):
     """Resize to img_size / 0.875 and centre-crop (256 -> 224; small images only resized): normalised floats, or uint8."""
@@ -622,24 +612,6 @@ def extract_features(encoder, dataset, pool, device, amp, batch_size, num_worker
 
 
 # ---------------------------------------------------------------- frozen-feature protocols
-# ---- the kNN vote (also in evaluate.py) ----
-@torch.no_grad()
-def nearest(train_f, test_f, k, chunk=512):
-    """The k training features most cosine-similar to each test feature: (similarities, indices), (N_test, k) each."""
-    train_f, test_f = torch.nn.functional.normalize(train_f, dim=1), torch.nn.functional.normalize(test_f, dim=1)
-    parts = [(test_f[start:start + chunk] @ train_f.T).topk(min(k, len(train_f)), dim=1)  # (n, N_train) -> (n, k)
-             for start in range(0, len(test_f), chunk)]
-    return torch.cat([s for s, _ in parts]), torch.cat([i for _, i in parts])
-
-def knn_predict(train_f, train_y, test_f, k=20, T=0.07, num_classes=None):
-    """Weighted kNN (Wu et al. 2018; DINO eval_knn): among the k training features most cosine-similar
-    to a test feature, class c scores sum_{i in top-k, y_i = c} exp(s_i / T); predict the argmax.
-    Returns (N_test,) predicted labels."""
-    top_s, top_i = nearest(train_f, test_f, k)
-    votes = torch.zeros(len(test_f), num_classes or int(train_y.max()) + 1)
-    votes.scatter_add_(1, train_y[top_i], (top_s / T).exp())  # class score = sum of exp(s/T)
-    return votes.argmax(dim=1)
-
 # ---- the linear probe ----
 def linear_probe(train_f, train_y, test_f, test_y, epochs=100, lr=0.1, batch_size=1024, seed=0, device="cpu"):
     """MAE-style linear probe on frozen features: BatchNorm1d(affine=False, eps=1e-6) then Linear

@@ -485,16 +485,13 @@ class Colour:
         return torch.tensor([float(torch.rand(()) < self.jitter_p), *factors, *torch.randperm(4).tolist(),
                              float(u[5] < self.gray_p), float(u[6] < self.blur_p), sigma, float(u[7] < self.solarize_p)])
 
-
 def gray(x):
     """ITU-R 601-2 luma, as torchvision's rgb_to_grayscale: (B, 3, H, W) -> (B, 1, H, W)."""
     return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
 
-
 def blend(x, y, f):
     """f x + (1 - f) y, clipped to [0, 1]; f is one factor per sample."""
     return (f.view(-1, 1, 1, 1) * x + (1 - f.view(-1, 1, 1, 1)) * y).clamp(0, 1)
-
 
 def adjust_hue(x, shift):
     """Rotate each pixel's hue by `shift` turns of the colour circle, keeping its HSV saturation and
@@ -510,14 +507,12 @@ def adjust_hue(x, shift):
     k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + 6 * h.unsqueeze(1)) % 6
     return v.unsqueeze(1) - (v * s).unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)
 
-
 JITTER_OPS = [
     lambda x, f: blend(x, torch.zeros_like(x), f),                               # brightness
     lambda x, f: blend(x, gray(x).mean(dim=(1, 2, 3), keepdim=True), f),         # contrast: toward the mean gray
     lambda x, f: blend(x, gray(x), f),                                           # saturation: toward the gray image
     adjust_hue,                                                                  # hue
 ]
-
 
 def gaussian_blur(x, sigma, kernel_size):
     """Separable Gaussian blur, one sigma per sample: the kernel is exp(-t^2 / (2 sigma^2)) at
@@ -531,7 +526,6 @@ def gaussian_blur(x, sigma, kernel_size):
     x = F.conv2d(F.pad(x, (pad, pad, 0, 0), mode="reflect"), kernel.view(B * C, 1, 1, -1), groups=B * C)  # rows
     x = F.conv2d(F.pad(x, (0, 0, pad, pad), mode="reflect"), kernel.view(B * C, 1, -1, 1), groups=B * C)  # columns
     return x.view(B, C, H, W)
-
 
 def colour_augment(x, p, kernel_size):
     """The device side of one view: x (B, 3, H, W) uint8 crops, p (B, 13) their parameters (Colour.draw)
@@ -548,11 +542,9 @@ def colour_augment(x, p, kernel_size):
         x = torch.where(on(10), gaussian_blur(x, p[:, 11], kernel_size), x)
     return torch.where(on(12) & (x >= 128 / 255), 1 - x, x)  # solarize: invert the bright values
 
-
 def blur_kernel_size(img_size):
     """About 10% of the image side, odd: 23 px at 224 (BYOL's), 5 px at 32."""
     return 2 * round(0.05 * img_size) + 1
-
 
 class CropViews:
     """The CPU side of several views of one image: each view's crop (and flip) as a uint8 tensor, and
@@ -620,12 +612,11 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
 
 
 # ==== SHARED: machinery, identical in every method file (tests/test_shared_blocks.py); the method ends above ====
-# What no method does differently: flags, data, torchrun, the run around train() (recipe, schedule, resume, run
-# folder, log, checkpoints, signals), the kNN monitor, the entry point; sections "also in evaluate.py" are there too.
+# What no method does differently: flags, data, torchrun, the run around train(), the kNN monitor, the entry point.
 # It expects from the method part: METHOD, Args (with the SHARED fields), RECIPES (with "cpu"), PAPER, check_args(),
 # encoders_to_save(model), a model with .encoder (a vit.ViT), and a train() that calls setup(), Run(), prepare(),
-# run.start(), run.batches() and run.after_step() (mae.py's is the shortest). Its imports are here, not at the top,
-# so that the file opens on the method (Python runs them before any function is called).
+# run.start(), run.batches() and run.after_step() (mae.py's is the shortest). Its imports are here so that the file
+# opens on the method (Python runs them before any function is called).
 import argparse
 import ast
 import atexit
@@ -642,12 +633,12 @@ import shutil
 import signal
 import sys
 import time
-import types
 import typing
 
 import torch.distributed as dist
 import torchvision
 import torchvision.transforms as T
+from vit import knn_predict
 
 # ---- argument parsing (also in evaluate.py) ----
 def parse_args(argv=None):
@@ -665,8 +656,8 @@ def parse_args(argv=None):
     parser.error = one_line_error
     for f in dataclasses.fields(Args):
         kind = f.type
-        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # "int | None" -> int
-            kind = next(t for t in typing.get_args(kind) if t is not type(None))
+        if type(None) in typing.get_args(kind):  # "int | None" -> int
+            kind = typing.get_args(kind)[0]
         default = f.default if f.default is not None else "auto" if kind is bool else "from the recipe"
         paper = f" (paper: {PAPER[f.name]})" if f.name in PAPER else ""  # the method's published value
         text = helps.get(f.name, "") + paper + ("" if "(default:" in helps.get(f.name, "") else f" (default: {default})")
@@ -805,15 +796,6 @@ def build_dataset(data, split="train", img_size=32):
         return ImageFiles(data)
     raise DataError(f"{data!r} has no val/ or test/ folder of labelled images to evaluate on")
 
-def image_side(path):
-    """The short side of an image file, from its header."""
-    from PIL import Image  # torchvision depends on Pillow
-    try:
-        with Image.open(path) as im:
-            return min(im.size)
-    except Exception as e:
-        raise BadImage(f"cannot read image {path}: {e}") from None
-
 def eval_transform(img_size, uint8=False, interpolation=T.InterpolationMode.BICUBIC):
     """Resize to img_size / 0.875 and centre-crop (256 -> 224; small images only resized): normalised floats, or uint8."""
     resize = round(img_size / 0.875) if img_size >= 96 else img_size
@@ -950,13 +932,11 @@ def resume_settings(args):
     settings, ignored = Args(**{**resumed["args"], "resume": path}), []
     for f in dataclasses.fields(Args):
         given = getattr(args, f.name)
-        if f.name in ("device", "amp", "compile", "num_workers", "stop_after"):
+        if f.name in ("device", "amp", "compile", "num_workers", "stop_after"):  # this machine's
             setattr(settings, f.name, given)
-        elif f.name == "resume" or given == f.default or given == resumed["args"].get(f.name):
-            continue
-        elif f.name in ("log_every", "save_minutes", "knn_every"):
+        elif f.name in ("log_every", "save_minutes", "knn_every") and given != f.default:  # given again
             setattr(settings, f.name, given)
-        else:
+        elif f.name != "resume" and given not in (f.default, resumed["args"].get(f.name)):
             ignored.append("--" + f.name.replace("_", "-"))
     if ignored:
         print(f"warning: --resume continues the run with its own settings; ignored: {', '.join(ignored)}")
@@ -977,9 +957,9 @@ def apply_recipe(args):
                                "--recipe cifar10 or imagenet for the GPU recipes)")
     elif recipe == "auto" and args.data in ("fake", "cifar10"):
         recipe = "cifar10"
-    elif recipe == "auto":  # 16 images spread over the training set (their headers only)
+    elif recipe == "auto":  # 16 images spread over the training set
         samples = build_dataset(args.data).samples
-        sides = sorted(image_side(path) for path, _ in samples[::max(1, len(samples) // 16)][:16])
+        sides = sorted(min(read_image(path).size) for path, _ in samples[::max(1, len(samples) // 16)][:16])
         recipe = "imagenet" if sides[len(sides) // 2] >= 64 else "cifar10"
         note = (f"recipe auto: {len(sides)} images looked at, short sides {sides[0]} to {sides[-1]} px, median "
                 f"{sides[len(sides) // 2]} px -> {recipe} (64 px or more: imagenet)")
@@ -993,12 +973,12 @@ def apply_recipe(args):
         args.images = None
     elif images_given and not epochs_given:
         args.epochs = None
-    for name in ("img_size", "patch_size", "batch_size", "epochs", "images", "blr", "log_every", "steps", "stop_after",
-                 "num_workers", "min_lr", "weight_decay", "warmup_epochs", "save_minutes", "knn_every", "knn_train", "knn_val"):
-        value, positive = getattr(args, name), name in ("img_size", "patch_size", "batch_size", "epochs", "images", "blr",
-                                                        "log_every")
-        if value is not None and (value <= 0 if positive else value < 0):
-            raise DataError(f"--{name.replace('_', '-')} must be {'more than 0' if positive else '0 or more'}, not {value}")
+    positive = ("img_size", "patch_size", "batch_size", "epochs", "images", "blr", "log_every")
+    for name in positive + ("steps", "stop_after", "num_workers", "min_lr", "weight_decay", "warmup_epochs",
+                            "save_minutes", "knn_every", "knn_train", "knn_val"):
+        value = getattr(args, name)
+        if value is not None and (value <= 0 if name in positive else value < 0):
+            raise DataError(f"--{name.replace('_', '-')} must be {'more than 0' if name in positive else '0 or more'}, not {value}")
     check_args(args)  # the method's own flags
     if note:  # after the checks, so that an error is the only line
         print(note)
@@ -1027,9 +1007,8 @@ def decode_side(transform):
                 for c in crops if isinstance(c, T.RandomResizedCrop)], default=0)
 
 def plan(args, num_images, global_batch):
-    """The run's length on num_images: (steps per epoch, steps, warm-up steps, whether the warm-up was cut). A run sized by
-    --images (the CPU recipe) gets its --epochs here, so that it sees as many images on a folder of any size; its warm-up
-    (a tenth) and its kNN monitor (every fifth) follow the run."""
+    """(steps per epoch, steps, warm-up steps, whether the warm-up was cut) on num_images. A run sized by --images (the CPU
+    recipe) gets its --epochs here, the same images on a folder of any size; its warm-up (a tenth) and monitor follow."""
     steps_per_epoch = num_images // global_batch  # whole batches: the rest of an epoch is left for the next
     if steps_per_epoch == 0:
         raise DataError(f"{args.data} has {num_images} images, fewer than one batch of {global_batch}")
@@ -1406,24 +1385,6 @@ class KnnMonitor:
         train_y, val_y = self.labels
         preds = knn_predict(train_f, train_y, val_f, 20, 0.07, int(max(train_y.max(), val_y.max())) + 1)
         return 100.0 * (preds == val_y).float().mean().item()
-
-# ---- the kNN vote (also in evaluate.py) ----
-@torch.no_grad()
-def nearest(train_f, test_f, k, chunk=512):
-    """The k training features most cosine-similar to each test feature: (similarities, indices), (N_test, k) each."""
-    train_f, test_f = torch.nn.functional.normalize(train_f, dim=1), torch.nn.functional.normalize(test_f, dim=1)
-    parts = [(test_f[start:start + chunk] @ train_f.T).topk(min(k, len(train_f)), dim=1)  # (n, N_train) -> (n, k)
-             for start in range(0, len(test_f), chunk)]
-    return torch.cat([s for s, _ in parts]), torch.cat([i for _, i in parts])
-
-def knn_predict(train_f, train_y, test_f, k=20, T=0.07, num_classes=None):
-    """Weighted kNN (Wu et al. 2018; DINO eval_knn): among the k training features most cosine-similar
-    to a test feature, class c scores sum_{i in top-k, y_i = c} exp(s_i / T); predict the argmax.
-    Returns (N_test,) predicted labels."""
-    top_s, top_i = nearest(train_f, test_f, k)
-    votes = torch.zeros(len(test_f), num_classes or int(train_y.max()) + 1)
-    votes.scatter_add_(1, train_y[top_i], (top_s / T).exp())  # class score = sum of exp(s/T)
-    return votes.argmax(dim=1)
 
 # ---- pictures ----
 def plot_curves(log_path):

@@ -20,6 +20,7 @@ The interface the method files use (and nothing else):
     vit(imgs, pool=...)         features: "cls" (B, D), "mean" of patch tokens (B, D), "all" (B, 1+N, D)
     vit.attention(imgs)         the last block's attention weights (B, heads, 1+N, 1+N), for pictures
     vit.interpolate_pos_embed(h, w)   the (1, 1+h*w, D) position table resized to another grid
+    knn_predict(train_f, train_y, test_f, k, T)   the weighted kNN vote on features (nearest(): its neighbours)
 
 Attention runs through F.scaled_dot_product_attention, so the GPU uses flash attention.
 """
@@ -245,6 +246,27 @@ class ViT(nn.Module):
 
 def count_params(module):
     return sum(p.numel() for p in module.parameters())
+
+
+# ---------------------------------------------------------------- the kNN vote on a ViT's features
+# (the kNN monitor of every method file and evaluate.py's kNN and retrieval protocols)
+@torch.no_grad()
+def nearest(train_f, test_f, k, chunk=512):
+    """The k training features most cosine-similar to each test feature: (similarities, indices), (N_test, k) each."""
+    train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
+    parts = [(test_f[start:start + chunk] @ train_f.T).topk(min(k, len(train_f)), dim=1)  # (n, N_train) -> (n, k)
+             for start in range(0, len(test_f), chunk)]
+    return torch.cat([s for s, _ in parts]), torch.cat([i for _, i in parts])
+
+
+def knn_predict(train_f, train_y, test_f, k=20, T=0.07, num_classes=None):
+    """Weighted kNN (Wu et al. 2018; DINO eval_knn): among the k training features most cosine-similar
+    to a test feature, class c scores sum_{i in top-k, y_i = c} exp(s_i / T); predict the argmax.
+    Returns (N_test,) predicted labels."""
+    top_s, top_i = nearest(train_f, test_f, k)
+    votes = torch.zeros(len(test_f), num_classes or int(train_y.max()) + 1)
+    votes.scatter_add_(1, train_y[top_i], (top_s / T).exp())  # class score = sum of exp(s/T)
+    return votes.argmax(dim=1)
 
 
 if __name__ == "__main__":
