@@ -639,7 +639,7 @@ import typing
 import torch.distributed as dist
 import torchvision
 import torchvision.transforms as T
-from vit import knn_predict
+from vit import count_params, knn_predict
 
 # ---- argument parsing (also in evaluate.py) ----
 def parse_args(argv=None):
@@ -1030,10 +1030,9 @@ def prepare(model, optimizer, args, device, lr, step, total_steps=0):
     if args.amp is None or args.compile is None:  # only on the CPU: setup() turns both on with CUDA
         cpu_step_probe(model, optimizer, args, step, total_steps)
     print(f"{METHOD} | recipe {args.recipe} | ViT-{args.model_dims or args.model}/{args.patch_size} at {args.img_size} px "
-          f"({sum(p.numel() for p in model.encoder.parameters()) / 1e6:.1f} M encoder, "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M total) | batch {WORLD * args.batch_size} = "
-          f"{WORLD} x {args.batch_size} | lr {lr:.2e} (blr {args.blr:.2e} x {args.batch_size * WORLD}/256) | "
-          f"wd {args.weight_decay} | {device} bf16={args.amp} compile={args.compile}")
+          f"({count_params(model.encoder) / 1e6:.1f} M encoder, {count_params(model) / 1e6:.1f} M total) | batch "
+          f"{WORLD * args.batch_size} = {WORLD} x {args.batch_size} | lr {lr:.2e} (blr {args.blr:.2e} x "
+          f"{args.batch_size * WORLD}/256) | wd {args.weight_decay} | {device} bf16={args.amp} compile={args.compile}")
     if WORLD > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     return torch.compile(model) if args.compile else model

@@ -245,6 +245,7 @@ class ViT(nn.Module):
 
 
 def count_params(module):
+    """The number of parameters of a module (the start-up line of every run prints it)."""
     return sum(p.numel() for p in module.parameters())
 
 

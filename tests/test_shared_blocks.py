@@ -154,9 +154,9 @@ def test_grafting_uses_moco_v3_views():
 
 
 def test_the_machinery_does_not_grow():
-    """Issue #28 asked for at most 760 lines; the block is 845 (README, "How the files are written", says what is in it
+    """Issue #28 asked for at most 760 lines; the block is 844 (README, "How the files are written", says what is in it
     and why it is not less). This keeps it from growing back."""
-    assert machinery("mae.py").count("\n") <= 845
+    assert machinery("mae.py").count("\n") <= 844
 
 
 def test_the_kNN_vote_is_one_function_for_the_monitor_and_evaluate():
